@@ -1,0 +1,238 @@
+"""Run directories: one per trained model, written atomically, loaded strictly.
+
+    RUN/config.json        {"clipdalle": {"model_type", "format_version"}, "model": {...}, "train": {...}}
+    RUN/model.safetensors  latest good weights of the unwrapped model (no `module.` / `_orig_mod.` prefixes)
+    RUN/tokenizer.json     where the model reads text
+    RUN/train_state.pt     optimizer, scheduler, step, data position: for --resume only (weights_only=True)
+    RUN/metrics.csv, RUN/loss.png, RUN/samples/step_NNNNNN.png
+
+Every file is written to a temporary name in the same directory and renamed into place, so a killed process
+leaves either the old file or the new one. A checkpoint is two files (weights and train state) written as a
+two-phase commit: both temporaries are complete before either is renamed, and `recover` rolls a half-done
+rename forward, so resuming never pairs weights of one step with optimizer state of another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+TRAIN_STATE_FILE = "train_state.pt"
+
+# model_type -> "module:Class"; imported on demand so this module stays below the model modules.
+MODEL_CLASSES = {
+    "dvae": "clipdalle.dvae:DiscreteVAE",
+    "clip": "clipdalle.clip:CLIP",
+    "dalle": "clipdalle.dalle:DALLE",
+}
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Calls `write(temporary_path)`, then renames the temporary file to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        _fsync(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, values: Any) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(values, indent=2) + "\n"))
+
+
+def _fsync(path: str | Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_class(model_type: str) -> type:
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {', '.join(MODEL_CLASSES)}")
+    module_name, class_name = MODEL_CLASSES[model_type].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def save_config(run_dir: str | Path, model: torch.nn.Module, train_config: Any = None) -> Path:
+    """Writes RUN/config.json for `model` (which has `.model_type` and a dataclass `.config`)."""
+    from .config import to_dict
+
+    model = unwrap(model)
+    values = {
+        "clipdalle": {"model_type": model.model_type, "format_version": FORMAT_VERSION},
+        "model": to_dict(model.config),
+    }
+    if train_config is not None:
+        values["train"] = to_dict(train_config)
+    return write_json(Path(run_dir) / CONFIG_FILE, values)
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """RUN/config.json, checked to be one of ours; errors name the directory and what was found."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.exists():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if not path.exists():
+        raise ValueError(f"{run_dir}: not a clipdalle run (no {CONFIG_FILE})")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    header = values.get("clipdalle") if isinstance(values, dict) else None
+    if not isinstance(header, dict) or "model_type" not in header:
+        found = f"model_type {values.get('model_type')!r}" if isinstance(values, dict) else "no object"
+        raise ValueError(f"{path}: not a clipdalle run config (no 'clipdalle' section; found {found})")
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {header['format_version']} is newer than this clipdalle "
+            f"({FORMAT_VERSION}); upgrade clipdalle"
+        )
+    return values
+
+
+def model_type_of(run_dir: str | Path) -> str:
+    return read_config(run_dir)["clipdalle"]["model_type"]
+
+
+def save_weights(path: str | Path, model: torch.nn.Module) -> Path:
+    """Weights of the unwrapped model as safetensors (shared/tied tensors stored once)."""
+    model = unwrap(model)
+    return atomic_write(path, lambda tmp: save_safetensors_model(model, str(tmp)))
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+    """Strict load: a missing or unexpected tensor is an error naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no weights file")
+    try:
+        missing, unexpected = load_safetensors_model(unwrap(model), str(path), strict=False)
+    except RuntimeError as error:  # shape mismatches
+        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+        raise ValueError(f"{path}: weights do not match the model's config ({first})") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match the model (missing: {', '.join(missing[:5]) or 'none'}; "
+            f"unexpected: {', '.join(unexpected[:5]) or 'none'})"
+        )
+    return model
+
+
+def save_model(run_dir: str | Path, model: torch.nn.Module, train_config: Any = None) -> Path:
+    """config.json + model.safetensors: a run directory another user can load."""
+    run_dir = Path(run_dir)
+    save_config(run_dir, model, train_config)
+    save_weights(run_dir / WEIGHTS_FILE, model)
+    return run_dir
+
+
+def load_model(run_dir: str | Path, expect: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Builds the model named by RUN/config.json and loads its weights strictly; `expect` checks the type."""
+    from .config import from_dict
+
+    run_dir = Path(run_dir)
+    values = read_config(run_dir)
+    model_type = values["clipdalle"]["model_type"]
+    if expect is not None and model_type != expect:
+        raise ValueError(f"{run_dir}: is a {model_type} run, expected a {expect} run")
+    cls = model_class(model_type)
+    config = from_dict(cls.config_class, values.get("model", {}), source=str(run_dir / CONFIG_FILE))
+    model = cls(config)
+    load_weights(run_dir / WEIGHTS_FILE, model)
+    return model.to(device).eval()
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, train_state: dict[str, Any]) -> None:
+    """Weights and train state as one unit: write both temporaries, then rename both.
+
+    `train_state["step"]` is recorded in both files; `recover` finishes a commit a kill interrupted."""
+    run_dir = Path(run_dir)
+    step = int(train_state["step"])
+    weights_tmp = run_dir / f".{WEIGHTS_FILE}.commit"
+    state_tmp = run_dir / f".{TRAIN_STATE_FILE}.commit"
+    save_safetensors_model(unwrap(model), str(weights_tmp), metadata={"step": str(step)})
+    torch.save(train_state, state_tmp)
+    _fsync(weights_tmp)
+    _fsync(state_tmp)
+    os.replace(state_tmp, run_dir / TRAIN_STATE_FILE)
+    os.replace(weights_tmp, run_dir / WEIGHTS_FILE)
+
+
+def recover(run_dir: str | Path) -> None:
+    """Finishes a checkpoint commit that a kill interrupted between its two renames, and drops stale temporaries."""
+    run_dir = Path(run_dir)
+    weights_tmp = run_dir / f".{WEIGHTS_FILE}.commit"
+    state_tmp = run_dir / f".{TRAIN_STATE_FILE}.commit"
+    state_path = run_dir / TRAIN_STATE_FILE
+    if weights_tmp.exists() and not state_tmp.exists() and state_path.exists():
+        # The state was renamed, the weights were not: the weights temporary is complete (fsynced before).
+        try:
+            same_step = weights_metadata(weights_tmp).get("step") == str(load_train_state(run_dir)["step"])
+        except Exception:
+            same_step = False
+        if same_step:
+            os.replace(weights_tmp, run_dir / WEIGHTS_FILE)
+    for stale in (weights_tmp, state_tmp, *run_dir.glob(".*.tmp")):
+        stale.unlink(missing_ok=True)
+
+
+def load_train_state(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / TRAIN_STATE_FILE
+    if not path.exists():
+        raise ValueError(f"{Path(run_dir)}: nothing to resume (no {TRAIN_STATE_FILE})")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_step(run_dir: str | Path) -> int | None:
+    """The step of the committed weights, or None when the run has no checkpoint."""
+    path = Path(run_dir) / WEIGHTS_FILE
+    if not path.exists():
+        return None
+    step = weights_metadata(path).get("step")
+    return int(step) if step is not None else None

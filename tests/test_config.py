@@ -1,0 +1,64 @@
+import argparse
+import json
+
+import pytest
+
+from clipdalle.config import (
+    TrainConfig,
+    add_config_flags,
+    available_presets,
+    build_config,
+    flags_for,
+    from_dict,
+    load_preset,
+    replace,
+    to_dict,
+)
+
+
+def test_json_round_trip():
+    config = TrainConfig(steps=7, lr=1e-3, dtype="bf16")
+    assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(config)))) == config
+
+
+def test_ints_are_accepted_for_floats():
+    assert from_dict(TrainConfig, {"lr": 1}).lr == 1.0
+
+
+def test_unknown_field_lists_valid_fields():
+    with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) stepz; valid fields: steps, batch_size"):
+        from_dict(TrainConfig, {"stepz": 3})
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(ValueError, match="steps: expected int"):
+        from_dict(TrainConfig, {"steps": "many"})
+    with pytest.raises(ValueError, match="lr"):
+        replace(TrainConfig(), lr="fast")
+
+
+def test_flags_override_presets_and_only_given_flags_count():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, TrainConfig)
+    args = parser.parse_args(["--batch-size", "8", "--lr", "0.01"])
+    given = flags_for(TrainConfig, args)
+    assert given == {"batch_size": 8, "lr": 0.01}
+    config = build_config(TrainConfig, {"batch_size": 32, "steps": 5}, given)
+    assert (config.batch_size, config.steps, config.lr) == (8, 5, 0.01)
+
+
+def test_flag_help_comes_from_field_comment():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, TrainConfig)
+    assert "peak learning rate" in parser.format_help()
+
+
+def test_presets_are_valid_json_with_known_sections():
+    for name in available_presets():
+        preset = load_preset(name)
+        assert isinstance(preset, dict), name
+
+
+def test_missing_preset_lists_available():
+    with pytest.raises(ValueError, match="not found; available presets"):
+        load_preset("no-such-preset")
