@@ -33,6 +33,9 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TRAIN_STATE_FILE = "train_state.pt"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 # model_type -> "module:Class"; imported on demand so this module stays below the model modules.
 MODEL_CLASSES = {
     "dvae": "clipdalle.dvae:DiscreteVAE",
@@ -50,6 +53,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
     try:
         write(Path(temporary))
         _fsync(temporary)

@@ -1,0 +1,214 @@
+"""The stream of batches every training run reads: deterministic, split across processes, resumable.
+
+Each consumer (one loader worker of one DDP rank) reads its own share of a source's units (tar shards or
+chunks of a file list; when there are fewer units than consumers, every consumer reads all units and keeps
+every n-th record), shuffles records through a seeded buffer, and cuts them into batches of `batch_size`
+records. Everything random is seeded by (seed, epoch, consumer) or (seed, epoch, key), so the sequence of
+batches is a pure function of the configuration. With `torch.utils.data.DataLoader`, worker w delivers batches
+w, w + W, w + 2W, ... of a rank's stream; a resumed run therefore starts each worker at its own offset and
+skips the batches before it without decoding a single image.
+
+An unreadable image is dropped from its batch and counted in the batch's `skipped` field, never fatal.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..transforms import BadImage, decode_image, resize_crop, to_tensor
+from .sources import Record, Source, is_validation
+
+SHUFFLE_BUFFER = 2000  # records held for shuffling per consumer; shards should already be shuffled on write
+
+
+@dataclass(frozen=True)
+class Augment:
+    min_scale: float = 0.8  # random resized crop keeps at least this area fraction
+    max_shift: float = 0.0  # random translation, as a fraction of the image size
+
+
+class SampleStream(IterableDataset):
+    """Batches of {"keys", "images" (B,3,H,W) in [0,1], "captions", "skipped", "epoch"} from a Source.
+
+    `holdout`: None keeps every record; "train" / "val" keeps records by a stable hash of their key, so a
+    dataset without a val/ folder splits the same way in every run. `infinite` streams run through epochs
+    forever (training); finite ones end after one pass (evaluation, index building). `start_batch` skips the
+    first batches of this rank's stream (resume)."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        image_size: int,
+        batch_size: int,
+        seed: int = 0,
+        holdout: str | None = None,
+        val_fraction: float = 0.02,
+        augment: Augment | None = None,
+        shuffle: bool = True,
+        infinite: bool = True,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        load_images: bool = True,
+    ):
+        super().__init__()
+        if holdout not in (None, "train", "val"):
+            raise ValueError(f"holdout must be None, 'train' or 'val', got {holdout!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.source = source
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.holdout = holdout
+        self.val_fraction = val_fraction
+        self.augment = augment
+        self.shuffle = shuffle
+        self.infinite = infinite
+        self.start_batch = start_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.load_images = load_images
+
+    # ------------------------------------------------------------------------------------------------ records
+
+    def _consumer(self) -> tuple[int, int, int, int]:
+        """(consumer index, consumer count, this worker's index, workers per rank)."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers, worker, workers
+
+    def _keep(self, record: Record) -> bool:
+        if self.holdout is None:
+            return True
+        return is_validation(record.key, self.val_fraction) == (self.holdout == "val")
+
+    def _epoch_records(self, epoch: int, consumer: int, consumers: int) -> Iterator[tuple[int, Record]]:
+        units = list(self.source.units)
+        if self.shuffle:
+            random.Random(f"units:{self.seed}:{epoch}").shuffle(units)
+        if len(units) >= consumers:
+            for unit in units[consumer::consumers]:
+                for record in self.source.records(unit):
+                    if self._keep(record):
+                        yield epoch, record
+        else:  # fewer units than consumers: everyone reads everything and keeps its own records
+            index = 0
+            for unit in units:
+                for record in self.source.records(unit):
+                    if index % consumers == consumer and self._keep(record):
+                        yield epoch, record
+                    index += 1
+
+    def _records(self, consumer: int, consumers: int) -> Iterator[tuple[int, Record]]:
+        epoch = 0
+        while True:
+            produced = 0
+            records = self._epoch_records(epoch, consumer, consumers)
+            if self.shuffle:
+                records = shuffled(records, random.Random(f"buffer:{self.seed}:{epoch}:{consumer}"), SHUFFLE_BUFFER)
+            for item in records:
+                produced += 1
+                yield item
+            if not self.infinite:
+                return
+            if produced == 0:
+                raise ValueError(
+                    f"{self.source.path}: no samples for process {self.rank} (of {self.world_size}) / loader worker "
+                    f"{consumer % max(1, consumers // self.world_size)}; the dataset is too small for this many "
+                    "consumers, or the validation hold-out took everything"
+                )
+            epoch += 1
+
+    # ------------------------------------------------------------------------------------------------ batches
+
+    def __iter__(self) -> Iterator[dict]:
+        consumer, consumers, worker, workers = self._consumer()
+        # Batch i of this rank comes from worker i % workers; skip this worker's batches before start_batch.
+        skip = max(0, -(-(self.start_batch - worker) // workers))
+        group: list[tuple[int, Record]] = []
+        for item in self._records(consumer, consumers):
+            group.append(item)
+            if len(group) < self.batch_size:
+                continue
+            if skip > 0:
+                skip -= 1
+            else:
+                yield self._load(group)
+            group = []
+        if group and skip == 0:
+            yield self._load(group)
+
+    def _load(self, group: list[tuple[int, Record]]) -> dict:
+        keys, images, captions, skipped = [], [], [], 0
+        for epoch, record in group:
+            rng = random.Random(f"sample:{self.seed}:{epoch}:{record.key}")
+            if self.load_images:
+                try:
+                    image = self._image(record, rng)
+                except BadImage:
+                    skipped += 1
+                    continue
+                images.append(image)
+            keys.append(record.key)
+            captions.append(rng.choice(record.captions) if record.captions else "")
+        stacked = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size)
+        return {
+            "keys": keys,
+            "images": stacked,
+            "captions": captions,
+            "skipped": skipped,
+            "epoch": group[-1][0],
+        }
+
+    def _image(self, record: Record, rng: random.Random) -> torch.Tensor:
+        if record.error is not None:
+            raise BadImage(record.error)
+        image = decode_image(record.path if record.path is not None else record.data, record.name)
+        if self.augment is not None:
+            image = resize_crop(
+                image, self.image_size, rng=rng, min_scale=self.augment.min_scale, max_shift=self.augment.max_shift
+            )
+        else:
+            image = resize_crop(image, self.image_size)
+        return to_tensor(image)
+
+
+def shuffled(items: Iterator, rng: random.Random, buffer_size: int) -> Iterator:
+    """Streaming shuffle: fill a buffer, then emit a random element for each new one."""
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        buffer[index], item = item, buffer[index]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def make_loader(stream: SampleStream, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over ready-made batches; workers decode in parallel and deliver in a fixed order."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def batches(stream_factory: Callable[[int], SampleStream], num_workers: int) -> Callable[[int], Iterator[dict]]:
+    """Turns a `start_batch -> SampleStream` factory into the `start_batch -> batches` function `train` takes."""
+
+    def open_batches(start_batch: int) -> Iterator[dict]:
+        return iter(make_loader(stream_factory(start_batch), num_workers))
+
+    return open_batches

@@ -1,0 +1,535 @@
+"""Where samples come from: folders of images with .txt captions, WebDataset .tar shards, manifests, labelled sets.
+
+A `Source` lists its samples as `units`: independent pieces in a fixed order that can be read separately (a
+chunk of 64 files, or one shard), so the loader can deal units to DDP ranks and loader workers. Reading a unit
+gives `Record`s: a stable key, encoded image bytes or an image path, and captions (or a label). Images are not
+decoded here; `clipdalle.transforms.decode_image` does that and raises `BadImage` for the loader to count.
+
+Problems the user must fix (missing path, no images, a missing or non-UTF-8 caption, a manifest without the
+needed columns, an unknown format) raise one-line errors naming the file. A damaged shard is not the user's
+doing (an interrupted download) and never raises: it yields its good records, then one Record with `error` set.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+import tarfile
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")  # matched case-insensitively
+SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # streamed with tarfile "r|*", which also reads compressed shards
+MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl")
+UNIT_SIZE = 64  # images per unit for folders and manifests: small datasets still split across processes
+CAPTION_MODES = ("required", "optional")
+
+_SUPPORTED = (
+    "a folder of images with same-stem .txt captions, .tar shards (a file, a glob, a {000..009} brace pattern "
+    "or a folder of .tar files), or a .csv/.tsv/.jsonl manifest with 'image' and 'caption' columns"
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str  # stable unique sample id ("sub/dir/stem", or "shardstem/key" for tars); also drives the val split
+    name: str  # for messages: the image file, or "path/shard.tar:key.png"
+    path: Path | None = None  # image file (folder, manifest)
+    data: bytes | None = None  # encoded image bytes (tar member)
+    captions: tuple[str, ...] = ()  # one caption per non-blank line of the .txt (or per manifest row)
+    label: str | None = None  # class name, for labelled evaluation data only
+    error: str | None = None  # set when the record could not be read (e.g. truncated tar); the loader skips+counts it
+
+    def read_bytes(self) -> bytes:
+        """The encoded image: the tar member's bytes, or the image file's contents."""
+        if self.data is not None:
+            return self.data
+        if self.path is not None:
+            return self.path.read_bytes()
+        raise ValueError(f"{self.name}: record has no image ({self.error or 'neither data nor path set'})")
+
+
+class Source(ABC):
+    """Samples in `units`, each readable on its own with `records(unit)`; iterating reads every unit in order."""
+
+    def __init__(self, path: str | Path, units: list[str]):
+        self.path = path  # what the user gave: a folder, a file or a shard pattern
+        self.units = units  # independent pieces in a fixed sorted order
+        self._unit_set = set(units)
+
+    @abstractmethod
+    def records(self, unit: str) -> Iterator[Record]:
+        """The records of one unit, in a fixed order."""
+
+    def __iter__(self) -> Iterator[Record]:
+        for unit in self.units:
+            yield from self.records(unit)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self.units)} units)"
+
+    def _check_unit(self, unit: str) -> None:
+        if unit not in self._unit_set:
+            known = f"{self.units[0]!r} .. {self.units[-1]!r}" if self.units else "none"
+            raise ValueError(f"{self.path}: no unit {unit!r} in this source (its {len(self.units)} units: {known})")
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+class _Entry(NamedTuple):
+    """One listed image. Plain strings, not Paths: building 100k Path objects costs seconds."""
+
+    key: str
+    image: str
+    caption_file: str | None = None  # read at records() time (folders)
+    captions: tuple[str, ...] = ()  # known up front (manifests)
+    label: str | None = None
+
+
+class FileSource(Source):
+    """Image files listed up front (a folder tree or a manifest); units are chunks of UNIT_SIZE images."""
+
+    def __init__(self, path: str | Path, entries: list[_Entry]):
+        count = (len(entries) + UNIT_SIZE - 1) // UNIT_SIZE
+        width = len(str(max(count - 1, 0)))  # zero-padded ids sort the same as strings and as numbers
+        super().__init__(path, [str(index).zfill(width) for index in range(count)])
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def records(self, unit: str) -> Iterator[Record]:
+        self._check_unit(unit)
+        start = int(unit) * UNIT_SIZE
+        for entry in self._entries[start : start + UNIT_SIZE]:
+            captions = entry.captions
+            if entry.caption_file is not None:
+                captions = _caption_lines(Path(entry.caption_file).read_bytes(), entry.caption_file)
+            yield Record(key=entry.key, name=entry.image, path=Path(entry.image), captions=captions, label=entry.label)
+
+
+def _caption_lines(data: bytes, name: str) -> tuple[str, ...]:
+    """One caption per non-blank line (whitespace stripped; a UTF-8 byte-order mark is dropped)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{name}: caption file is not UTF-8 (byte {error.start}: {data[error.start : error.start + 1]!r}); "
+            "re-save it as UTF-8"
+        ) from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _scan_folder(root: Path) -> Iterator[tuple[str, str, str | None]]:
+    """(key, image file, same-stem caption file or None) for every image under `root`, in no particular order;
+    the key is the image's path relative to `root` without its extension, with "/" separators.
+
+    One os.scandir per directory and no stat per file. Hidden names are skipped (macOS `._x.jpg` files are not
+    images). Symlinked folders are followed unless they point back up the tree."""
+    pending = [(os.fspath(root), "")]
+    while pending:
+        directory, key_prefix = pending.pop()
+        with os.scandir(directory) as listing:
+            entries = [entry for entry in listing if not entry.name.startswith(".")]
+        caption_files: dict[str, str] = {}
+        images: list[tuple[str, str]] = []
+        for entry in entries:
+            name = entry.name
+            if entry.is_dir():
+                if not (entry.is_symlink() and _points_up(entry.path, directory)):
+                    pending.append((entry.path, key_prefix + name + "/"))
+                continue
+            dot = name.rfind(".")
+            extension = name[dot:].lower() if dot > 0 else ""
+            if extension in IMAGE_EXTENSIONS:
+                images.append((name[:dot], entry.path))
+            elif extension == ".txt":
+                caption_files[name[:dot]] = entry.path
+        for stem, image in images:
+            yield key_prefix + stem, image, caption_files.get(stem)
+
+
+def _points_up(link: str, directory: str) -> bool:
+    target, here = os.path.realpath(link), os.path.realpath(directory)
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def _folder_entries(root: Path, captions: str) -> list[_Entry]:
+    entries: list[_Entry] = []
+    for key, image, caption_file in _scan_folder(root):
+        if caption_file is None and captions == "required":
+            raise ValueError(
+                f"{image}: no caption; expected a same-stem .txt file next to it (or pass captions='optional')"
+            )
+        entries.append(_Entry(key, image, caption_file))
+    entries.sort()  # by key: keys are unique (checked next), so later fields never decide the order
+    _check_unique_keys(entries)
+    return entries
+
+
+def _strip_extension(relative_path: str) -> str:
+    return posixpath.splitext(relative_path)[0]
+
+
+def _check_unique_keys(entries: list[_Entry]) -> None:
+    """Keys are file paths without extension; `a.jpg` and `a.png` in one folder would share a key and a caption."""
+    for previous, current in zip(entries, entries[1:]):
+        if previous.key == current.key:
+            raise ValueError(
+                f"{previous.image} and {current.image}: two images with the key {current.key!r} (captions are "
+                "matched by file name without extension); rename one"
+            )
+
+
+def _no_images_message(path: Path) -> str:
+    return (
+        f"{path}: no images found (looked recursively for {', '.join(IMAGE_EXTENSIONS)}, any letter case) "
+        "and no .tar shards"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+
+
+def _manifest_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, object]]]:
+    """(line number, row) for each row of a .csv, .tsv or .jsonl file; `columns` must all be present."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: manifest is not UTF-8 (byte {error.start}); re-save it as UTF-8") from None
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            missing = [column for column in columns if column not in row]
+            if missing:
+                raise ValueError(
+                    f"{path} line {number}: missing {', '.join(missing)}; expected keys {', '.join(columns)}, "
+                    f"found {', '.join(map(str, row)) or 'none'}"
+                )
+            yield number, row
+        return
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [name.strip().lower() for name in next(reader, [])]
+    missing = [column for column in columns if column not in header]
+    if missing:
+        raise ValueError(
+            f"{path}: manifest has no {', '.join(missing)} column; expected columns {', '.join(columns)}, "
+            f"found {', '.join(header) or 'none'}"
+        )
+    for values in reader:
+        if any(value.strip() for value in values):
+            yield reader.line_num, dict(zip(header, values))
+
+
+def _manifest_image(path: Path, number: int, value: object) -> tuple[str, Path]:
+    """(key, file) for a manifest's image cell: relative to the manifest's folder, or absolute."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{path} line {number}: empty or non-text image path {value!r}")
+    image = Path(os.path.normpath(value.strip()))
+    if not image.is_absolute():
+        return _strip_extension(image.as_posix()), path.parent / image
+    try:
+        relative = image.relative_to(path.parent.resolve())
+    except ValueError:
+        relative = image.relative_to(image.anchor)  # outside the manifest's folder: key = the absolute path
+    return _strip_extension(relative.as_posix()), image
+
+
+def _manifest_captions(path: Path, number: int, value: object) -> list[str]:
+    """A caption cell: a string (CSV/TSV/JSONL) or a list of strings (JSONL); blank captions are dropped."""
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, str) or item is None for item in values):
+        raise ValueError(f"{path} line {number}: caption must be text or a list of texts, got {value!r}")
+    return [item.strip() for item in values if item and item.strip()]
+
+
+def _manifest_entries(path: Path, captions: str) -> list[_Entry]:
+    columns = ("image", "caption") if captions == "required" else ("image",)
+    images: dict[str, Path] = {}
+    texts: dict[str, list[str]] = {}
+    for number, row in _manifest_rows(path, columns):
+        key, image = _manifest_image(path, number, row.get("image"))
+        if images.setdefault(key, image) != image:
+            raise ValueError(f"{path} line {number}: {image} and {images[key]} share the key {key!r}; rename one")
+        texts.setdefault(key, []).extend(_manifest_captions(path, number, row.get("caption")))
+    if not images:
+        raise ValueError(f"{path}: manifest lists no images")
+    if captions == "required":
+        for key, lines in texts.items():
+            if not lines:
+                raise ValueError(f"{images[key]}: no caption in {path} (every image needs a non-empty 'caption')")
+    return [_Entry(key, str(images[key]), captions=tuple(texts[key])) for key in images]
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+class ShardSource(Source):
+    """WebDataset shards in the img2dataset layout (`key.jpg` + `key.txt`, optional `key.cls`); unit = one shard.
+
+    Shards are streamed, never seeked, and members are grouped by key in the order they come."""
+
+    def __init__(self, path: str | Path, shards: list[Path], captions: str = "required"):
+        super().__init__(path, sorted(str(shard) for shard in shards))
+        self.captions = captions
+
+    def records(self, unit: str) -> Iterator[Record]:
+        """The shard's samples; when the shard is damaged, those before the damage and then one error Record.
+        Raises only for what the user must fix: a missing (when required) or non-UTF-8 caption."""
+        self._check_unit(unit)
+        shard_stem = _shard_stem(unit)
+        group_key, members, count = None, {}, 0
+        try:
+            with tarfile.open(unit, mode="r|*", tarinfo=_StrictTarInfo) as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    base = posixpath.basename(member.name)
+                    stem, _, extension = base.partition(".")  # key = member path up to the first "." of the name
+                    key = posixpath.join(posixpath.dirname(member.name), stem)
+                    if key != group_key:
+                        if group_key is not None and (record := self._record(unit, shard_stem, group_key, members)):
+                            yield record
+                            count += 1
+                        group_key, members = key, {}
+                    extension = "." + extension.lower()
+                    if extension in IMAGE_EXTENSIONS or extension in (".txt", ".cls"):
+                        members[extension] = archive.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+            # Members read before the damage are whole (tarfile checks lengths), so the last group is usable when
+            # it already has everything it needs; otherwise it is part of the loss.
+            if group_key is not None and self._is_complete(members):
+                yield self._record(unit, shard_stem, group_key, members)
+                count += 1
+            reason = " ".join(str(error).split()) or type(error).__name__
+            yield Record(
+                key=f"{shard_stem}/#damaged",
+                name=unit,
+                error=f"{unit}: damaged shard, {count} good sample(s) before the damage ({reason})",
+            )
+            return
+        if group_key is not None and (record := self._record(unit, shard_stem, group_key, members)):
+            yield record
+
+    def _is_complete(self, members: dict[str, bytes]) -> bool:
+        has_image = any(extension in IMAGE_EXTENSIONS for extension in members)
+        return has_image and (".txt" in members or self.captions == "optional")
+
+    def _record(self, shard: str, shard_stem: str, key: str, members: dict[str, bytes]) -> Record | None:
+        """The group of members sharing `key` as a Record; None for a group without an image (metadata only)."""
+        image_extension = next((extension for extension in IMAGE_EXTENSIONS if extension in members), None)
+        if image_extension is None:
+            return None
+        name = f"{shard}:{key}{image_extension}"
+        if ".txt" not in members and self.captions == "required":
+            raise ValueError(
+                f"{name}: no caption; expected a {key}.txt member next to it in the shard (or pass captions='optional')"
+            )
+        captions = _caption_lines(members[".txt"], f"{shard}:{key}.txt") if ".txt" in members else ()
+        label = members[".cls"].decode("utf-8", errors="replace").strip() if ".cls" in members else None
+        return Record(
+            key=f"{shard_stem}/{key}", name=name, data=members[image_extension], captions=captions, label=label
+        )
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends a stream silently when a header after the first is cut short or garbled, so a shard truncated
+    at a member boundary would look complete; only the end-of-archive zero block may end it here."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as error:
+            raise tarfile.ReadError(f"bad or missing header at byte {archive.offset}: {error}") from None
+
+
+def _shard_stem(shard: str) -> str:
+    name = os.path.basename(shard)
+    for extension in sorted(SHARD_EXTENSIONS, key=len, reverse=True):
+        if name.lower().endswith(extension):
+            return name[: -len(extension)]
+    return name
+
+
+def _is_shard(name: str) -> bool:
+    return name.lower().endswith(SHARD_EXTENSIONS)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell brace expansion: `shard-{000..009}.tar` (zero padding kept), `{a,b}` lists, several and nested
+    groups; braces with neither form stay literal."""
+    start = pattern.find("{")
+    while start != -1:
+        end = _matching_brace(pattern, start)
+        if end == -1:
+            return [pattern]
+        alternatives = _brace_alternatives(pattern[start + 1 : end])
+        if alternatives is not None:
+            prefix, suffix = pattern[:start], pattern[end + 1 :]
+            return [expanded for choice in alternatives for expanded in expand_braces(prefix + choice + suffix)]
+        start = pattern.find("{", start + 1)
+    return [pattern]
+
+
+def _matching_brace(text: str, start: int) -> int:
+    depth = 0
+    for index in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return index
+    return -1
+
+
+def _brace_alternatives(body: str) -> list[str] | None:
+    numbers = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if numbers:
+        first, last = numbers.groups()
+        padded = any(len(end.lstrip("-")) > 1 and end.lstrip("-").startswith("0") for end in (first, last))
+        width = max(len(first), len(last)) if padded else 0
+        step = 1 if int(last) >= int(first) else -1
+        return [str(value).zfill(width) for value in range(int(first), int(last) + step, step)]
+    parts, depth, current = [], 0, []
+    for character in body:
+        if character == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        depth += {"{": 1, "}": -1}.get(character, 0)
+        current.append(character)
+    parts.append("".join(current))
+    return parts if len(parts) > 1 else None
+
+
+def _expand_shard_pattern(pattern: str) -> list[Path]:
+    """The shards a glob and/or brace pattern names; a brace-listed shard that does not exist is an error
+    (an incomplete download should not train silently on part of the data)."""
+    shards: set[str] = set()
+    missing: list[str] = []
+    for piece in expand_braces(pattern):
+        if glob.has_magic(piece):
+            shards.update(match for match in glob.glob(piece) if _is_shard(match) and os.path.isfile(match))
+        elif os.path.isfile(piece):
+            shards.add(piece)
+        else:
+            missing.append(piece)
+    if missing:
+        raise FileNotFoundError(f"{pattern}: {len(missing)} shard(s) it names do not exist, e.g. {missing[0]}")
+    if not shards:
+        raise FileNotFoundError(f"{pattern}: matches no shard files (looked for {', '.join(SHARD_EXTENSIONS)})")
+    return [Path(shard) for shard in sorted(shards)]
+
+
+# ---------------------------------------------------------------------------------------------- opening
+
+
+def open_source(path: str | Path, captions: str = "required") -> Source:
+    """The dataset at `path`: a folder of images with .txt captions, .tar shards (a file, a glob, a brace pattern
+    or a folder holding .tar files and no images) or a .csv/.tsv/.jsonl manifest with image and caption columns.
+
+    captions="required" makes an image without a caption an error naming it; "optional" allows empty captions.
+    """
+    if captions not in CAPTION_MODES:
+        raise ValueError(f"captions must be one of {', '.join(CAPTION_MODES)}, got {captions!r}")
+    location = Path(path)
+    if not location.exists():
+        if glob.has_magic(str(path)) or "{" in str(path):
+            return ShardSource(path, _expand_shard_pattern(str(path)), captions)
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if location.is_dir():
+        entries = _folder_entries(location, captions)
+        if entries:
+            return FileSource(path, entries)
+        shards = sorted(location / name for name in os.listdir(location) if _is_shard(name))
+        if shards:
+            return ShardSource(path, shards, captions)
+        raise ValueError(_no_images_message(location))
+    if _is_shard(location.name):
+        return ShardSource(path, [location], captions)
+    if location.suffix.lower() in MANIFEST_EXTENSIONS:
+        return FileSource(path, _manifest_entries(location, captions))
+    raise ValueError(f"{path}: unknown dataset format; supported: {_SUPPORTED}")
+
+
+def open_labelled(path: str | Path) -> Source:
+    """Labelled evaluation data: class-per-folder (`DIR/LABEL/.../image.png`, label = the top folder's name) or a
+    .csv/.tsv/.jsonl manifest with image and label columns. Records carry `label` and no captions."""
+    location = Path(path)
+    if not location.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if location.is_dir():
+        entries = []
+        for key, image, _ in _scan_folder(location):
+            if "/" not in key:
+                raise ValueError(f"{image}: image outside a class folder; expected DIR/LABEL/image files")
+            entries.append(_Entry(key, image, label=key.split("/", 1)[0]))
+        if not entries:
+            raise ValueError(
+                f"{path}: no images found in class folders (looked for {', '.join(IMAGE_EXTENSIONS)} in DIR/LABEL/)"
+            )
+        entries.sort()
+        _check_unique_keys(entries)
+        return FileSource(path, entries)
+    if location.suffix.lower() not in MANIFEST_EXTENSIONS:
+        raise ValueError(
+            f"{path}: unknown labelled-data format; supported: a folder of class folders (DIR/LABEL/image) or a "
+            ".csv/.tsv/.jsonl manifest with 'image' and 'label' columns"
+        )
+    labels: dict[str, str] = {}
+    images: dict[str, Path] = {}
+    for number, row in _manifest_rows(location, ("image", "label")):
+        key, image = _manifest_image(location, number, row.get("image"))
+        label = row.get("label")
+        if not isinstance(label, (str, int)) or not str(label).strip():
+            raise ValueError(f"{location} line {number}: empty or non-text label {label!r} for {image}")
+        label = str(label).strip()
+        if images.setdefault(key, image) != image:
+            raise ValueError(f"{location} line {number}: {image} and {images[key]} share the key {key!r}; rename one")
+        if labels.setdefault(key, label) != label:
+            raise ValueError(f"{location} line {number}: {image} has two labels, {labels[key]!r} and {label!r}")
+    if not images:
+        raise ValueError(f"{location}: manifest lists no images")
+    return FileSource(path, [_Entry(key, str(images[key]), label=labels[key]) for key in images])
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def resolve_splits(path: str | Path, val_data: str | Path | None = None) -> tuple[str | Path, str | Path | None]:
+    """(train data, validation data or None). A folder with `train/` and `val/` subfolders gives those (an explicit
+    `val_data` still wins for validation); otherwise `val_data` if given; otherwise (path, None), meaning "hold
+    out a fraction of `path` by `is_validation`"."""
+    location = Path(path)
+    if (location / "train").is_dir() and (location / "val").is_dir():
+        return location / "train", val_data if val_data is not None else location / "val"
+    return path, val_data
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """Whether the sample `key` is held out: the first 8 bytes of sha1(key) as a number in [0, 1) below
+    `fraction`. The same on every run and machine (Python's hash() is salted per process)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"is_validation: fraction must be in [0, 1], got {fraction!r}")
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
