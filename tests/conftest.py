@@ -1,10 +1,16 @@
 """Shared fixtures: tiny seeded synthetic datasets of coloured shapes with captions."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
+
+# Tiny models run fastest on one thread, and two threads per process thrash when processes share 2 cores.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 COLOURS = {"red": (229, 57, 53), "green": (67, 160, 71), "blue": (30, 136, 229), "black": (33, 33, 33)}
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -47,3 +53,20 @@ def make_shapes_folder(root: Path, size: int = 32, repeats: int = 1, seed: int =
 @pytest.fixture
 def shapes_folder(tmp_path: Path) -> Path:
     return make_shapes_folder(tmp_path / "shapes", size=16, repeats=2)
+
+
+@pytest.fixture(scope="session")
+def shapes_32(tmp_path_factory) -> Path:
+    """32 px coloured shapes, 4 of each (shape, colour) pair: 64 images, read-only for the tests that share it."""
+    return make_shapes_folder(tmp_path_factory.mktemp("shapes32") / "shapes", size=32, repeats=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_run(shapes_32, tmp_path_factory) -> Path:
+    """A tiny CLIP trained briefly on the shapes through the CLI (read-only for the tests that share it)."""
+    from clipdalle import cli
+
+    out = tmp_path_factory.mktemp("clip") / "run"
+    code = cli.main(["train", "clip", "--data", str(shapes_32), "--out", str(out), "--preset", "tiny", "--steps", "30"])
+    assert code == 0
+    return out

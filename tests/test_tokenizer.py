@@ -16,8 +16,8 @@ def tokenizer():
 
 
 def test_special_ids_are_fixed(tokenizer):
-    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
-    assert [tokenizer.tokenizer.id_to_token(index) for index in range(3)] == ["<pad>", "<bos>", "<eos>"]
+    assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id) == (0, 1, 2)
+    assert [tokenizer.tokenizer.id_to_token(index) for index in range(3)] == ["<pad>", "<eos>", "<bos>"]
     assert 259 < tokenizer.vocab_size <= 300  # bytes + specials + some merges
 
 
@@ -25,8 +25,8 @@ def test_encode_frames_and_pads(tokenizer):
     ids = tokenizer.encode(["a red icon of a home", "blue"], length=24)
     assert ids.shape == (2, 24) and ids.dtype == torch.long
     for row in ids.tolist():
-        assert row[0] == 1
-        end = row.index(2)
+        assert row[0] == tokenizer.bos_id
+        end = row.index(tokenizer.eos_id)
         assert all(token == 0 for token in row[end + 1 :])
         assert all(token > 2 for token in row[1:end])
     assert torch.equal(tokenizer.encode("blue", 24), ids[1:2])  # one string is a batch of one
@@ -42,10 +42,10 @@ def test_merges_make_common_words_short(tokenizer):
 def test_truncation_keeps_eos_last(tokenizer):
     long_text = " ".join(CAPTIONS[:5])
     ids = tokenizer.encode(long_text, length=10)[0].tolist()
-    assert len(ids) == 10 and ids[0] == 1 and ids[-1] == 2 and 0 not in ids
+    assert len(ids) == 10 and ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id and 0 not in ids
     full = tokenizer.encode(long_text, length=200)[0].tolist()
     assert ids[:9] == full[:9]  # the text's first tokens, then <eos>
-    assert tokenizer.encode("", 2).tolist() == [[1, 2]]
+    assert tokenizer.encode("", 2).tolist() == [[tokenizer.bos_id, tokenizer.eos_id]]
     with pytest.raises(ValueError, match="at least 2"):
         tokenizer.encode("red", 1)
 

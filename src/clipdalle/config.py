@@ -39,6 +39,8 @@ class TrainConfig:
     log_every: int = 10  # steps between training-metric rows in metrics.csv
     seed: int = 0  # seeds initialisation, data order, augmentation and sampling noise
     num_workers: int = 1  # data-loader processes per training process; 1 keeps a core for compute on 2 cores
+    crop_scale: float = 1.0  # random resized crop keeps at least this share of the area; 1 = no crop (CLIP: 0.8)
+    max_shift: float = 0.0  # random translation as a share of the image side; never colour jitter (colour is content)
     val_fraction: float = 0.02  # share of samples held out by a hash of their key when no val/ split exists
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes CUDA when present
     dtype: str = "fp32"  # fp32 | bf16 | fp16 autocast; fp32 on CPU (bf16 matmul is ~100x slower on AVX2)

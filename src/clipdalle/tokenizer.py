@@ -20,7 +20,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from .checkpoint import atomic_write
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2: the order BpeTrainer assigns them
+# ids 0, 1, 2 in the order BpeTrainer assigns them. <eos> is 1, not 2: Hugging Face's CLIP text model treats an
+# eos_token_id of 2 as "pool at the largest id" (its legacy OpenAI behaviour), so a CLIP trained with our
+# tokenizer could not be converted to that layout if <eos> were 2.
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
 BYTE_ALPHABET_SIZE = 256  # the byte-level pre-tokenizer maps every byte to one printable character
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
 
@@ -40,8 +43,8 @@ class CaptionTokenizer:
     """Byte-level BPE with fixed special ids; `tokenizer(texts, length)` -> LongTensor (N, length)."""
 
     pad_id = 0
-    bos_id = 1
-    eos_id = 2
+    eos_id = 1
+    bos_id = 2
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer

@@ -350,14 +350,17 @@ def data_streams(
     *,
     val_data: str | Path | None = None,
     captions: str = "required",
-    augment: Any = None,
 ) -> tuple[Callable[[int], Iterator[dict]], Callable[[], Iterable[dict]]]:
     """Training and validation batch functions for `train`, from a dataset path (see data/sources.py).
 
     A directory with train/ and val/ uses them; else `val_data`; else a stable hash of each sample's key holds
     out `config.val_fraction` of the data."""
-    from .data.loader import SampleStream, batches, make_loader
+    from .data.loader import Augment, SampleStream, batches, make_loader
     from .data.sources import open_source, resolve_splits
+
+    augment = None
+    if config.crop_scale < 1.0 or config.max_shift > 0.0:
+        augment = Augment(min_scale=config.crop_scale, max_shift=config.max_shift)
 
     rank, world, _ = distributed_context()
     train_path, val_path = resolve_splits(data, val_data)
@@ -422,3 +425,186 @@ def train_vae(
         evaluate=dvae.evaluate,
         resume=resume,
     )
+
+
+def prepare_tokenizer(
+    out: Path, data: str | Path, vocab_size: int, tokenizer_path: str | Path | None, resume: bool
+) -> Any:
+    """The caption tokenizer of a run: its own on resume, else `tokenizer_path`, else one trained on the
+    training captions. Rank 0 writes RUN/tokenizer.json; the other ranks wait and read it."""
+    from .data.sources import open_source, resolve_splits
+    from .tokenizer import MIN_VOCAB_SIZE, CaptionTokenizer
+
+    if tokenizer_path is None and vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"the model's vocab_size {vocab_size} is below the caption tokenizer's minimum {MIN_VOCAB_SIZE} "
+            f"(256 bytes + 3 special tokens); set --vocab-size {MIN_VOCAB_SIZE} or more"
+        )
+    path = out / checkpoint.TOKENIZER_FILE
+    rank, _, local_rank = distributed_context()
+    if rank == 0 and not (resume and path.exists()):
+        if tokenizer_path is not None:
+            tokenizer = CaptionTokenizer.load(tokenizer_path)
+        else:
+            source = open_source(resolve_splits(data)[0], captions="required")
+            texts = (caption for record in source for caption in record.captions)
+            tokenizer = CaptionTokenizer.train(texts, vocab_size)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+    barrier()
+    tokenizer = CaptionTokenizer.load(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}; "
+            f"set --vocab-size {tokenizer.vocab_size} or more"
+        )
+    return tokenizer
+
+
+def train_clip(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    tokenizer_path: str | Path | None = None,
+    init: str | Path | None = None,
+    lock_image: bool = False,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains CLIP on (image, caption) pairs into `out`: from scratch with our caption tokenizer, or fine-tuned
+    from `init` (a run or OpenAI / open_clip / Hugging Face weights, with their own tokenizer). `lock_image`
+    freezes the image tower (LiT)."""
+    from . import clip
+
+    out = Path(out)
+    rank, _, local_rank = distributed_context()
+    init_distributed(resolve_device(config.device, local_rank))
+    if resume and (out / "vocab.json").exists():  # a fine-tuned run keeps its foreign CLIP BPE
+        from .clip_tokenizer import ClipTokenizer
+
+        tokenizer = ClipTokenizer.from_files(out)
+        model = clip.CLIP(model_config)
+    elif init is not None and not resume:
+        model, _, tokenizer = clip.load(init)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            _save_tokenizer(tokenizer, out)
+    else:
+        tokenizer = prepare_tokenizer(out, data, model_config.vocab_size, tokenizer_path, resume)
+        torch.manual_seed(config.seed)
+        model = clip.CLIP(model_config)
+    if lock_image:
+        for parameter in model.visual.parameters():
+            parameter.requires_grad_(False)
+    context_length = model.config.context_length
+
+    def with_text(batch: dict) -> dict:
+        if "text" not in batch:
+            batch["text"] = tokenizer(batch["captions"], context_length).to(batch["images"].device)
+        return batch
+
+    def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return clip.loss_fn(model, with_text(batch), progress)
+
+    def evaluate(model: torch.nn.Module, batches: list[dict]) -> tuple[dict[str, float], torch.Tensor | None]:
+        batches = [with_text(batch) for batch in batches]
+        metrics, grid = clip.evaluate(model, batches)
+        metrics["zero_shot_accuracy"] = caption_zero_shot_accuracy(model, batches, tokenizer)
+        return metrics, grid
+
+    train_batches, val_batches = data_streams(data, config, model.config.image_size, val_data=val_data)
+    return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=evaluate, resume=resume)
+
+
+def caption_zero_shot_accuracy(model: torch.nn.Module, batches: list[dict], tokenizer: Any) -> float:
+    """Zero-shot classification with the validation captions as the label set: an image is right when its own
+    caption (or an identical one) gets the highest probability."""
+    from . import clip
+
+    captions = [caption for batch in batches for caption in batch["captions"]]
+    labels = sorted(set(captions))
+    images = torch.cat([batch["images"] for batch in batches])
+    probabilities = clip.classify(model, images, labels, tokenizer)
+    predicted = probabilities.argmax(dim=1).tolist()
+    return sum(labels[index] == caption for index, caption in zip(predicted, captions)) / max(1, len(captions))
+
+
+def _save_tokenizer(tokenizer: Any, out: Path) -> None:
+    from .tokenizer import CaptionTokenizer
+
+    if isinstance(tokenizer, CaptionTokenizer):
+        tokenizer.save(out / checkpoint.TOKENIZER_FILE)
+    else:  # OpenAI's BPE: vocab.json + merges.txt, which clip.load reads back
+        tokenizer.save(out)
+
+
+@torch.no_grad()
+def linear_probe(
+    clip_run: str | Path,
+    data: str | Path,
+    *,
+    val_data: str | Path | None = None,
+    val_fraction: float = 0.2,
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Logistic regression (scikit-learn) on frozen CLIP image features of a labelled set, beside zero-shot
+    accuracy with the class names as prompts. Without `val_data`, a stable hash of each sample's key holds out
+    `val_fraction` for testing."""
+    from sklearn.linear_model import LogisticRegression
+
+    from . import clip
+    from .data.sources import is_validation, open_labelled
+    from .transforms import BadImage
+
+    model, preprocess, tokenizer = clip.load(clip_run, device=device)
+    skipped = 0
+
+    def features(path: str | Path, holdout: str | None) -> tuple[torch.Tensor, list[str]]:
+        nonlocal skipped
+        rows, labels, images = [], [], []
+        for record in open_labelled(path):
+            if holdout is not None and is_validation(record.key, val_fraction) != (holdout == "val"):
+                continue
+            try:
+                images.append(preprocess(record.path if record.path is not None else _pil(record)))
+            except BadImage:
+                skipped += 1
+                continue
+            labels.append(record.label)
+            if len(images) == batch_size:
+                rows.append(model.encode_image(torch.stack(images).to(device)).cpu())
+                images = []
+        if images:
+            rows.append(model.encode_image(torch.stack(images).to(device)).cpu())
+        if not rows:
+            raise ValueError(f"{path}: no labelled images in the {holdout or 'given'} split")
+        return torch.cat(rows), labels
+
+    train_features, train_labels = features(data, "train" if val_data is None else None)
+    test_features, test_labels = features(val_data or data, "val" if val_data is None else None)
+    classes = sorted(set(train_labels) | set(test_labels))
+    if len(set(train_labels)) < 2:
+        raise ValueError(f"{data}: a linear probe needs at least two classes in the training split")
+    probe = LogisticRegression(max_iter=2000, C=1.0).fit(train_features.numpy(), train_labels)
+    probe_accuracy = float((probe.predict(test_features.numpy()) == test_labels).mean())
+    text_features = clip.label_features(model, classes, tokenizer)
+    predicted = (test_features.to(device) @ text_features.T).argmax(dim=1).tolist()
+    zero_shot = sum(classes[index] == label for index, label in zip(predicted, test_labels)) / len(test_labels)
+    return {
+        "classes": len(classes),
+        "train_images": len(train_labels),
+        "test_images": len(test_labels),
+        "linear_probe_accuracy": probe_accuracy,
+        "zero_shot_accuracy": zero_shot,
+        "chance": 1 / len(classes),
+        "skipped_images": skipped,
+    }
+
+
+def _pil(record: Any) -> Any:
+    from .transforms import decode_image
+
+    return decode_image(record.read_bytes(), record.name)

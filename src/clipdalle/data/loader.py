@@ -33,12 +33,14 @@ class Augment:
 
 
 class SampleStream(IterableDataset):
-    """Batches of {"keys", "images" (B,3,H,W) in [0,1], "captions", "skipped", "epoch"} from a Source.
+    """Batches of {"keys", "images" (B,3,H,W) in [0,1], "captions", "skipped", "epoch"} from a Source; from a
+    token cache (records with `codes`), "codes" (B, h*w) instead of "images".
 
     `holdout`: None keeps every record; "train" / "val" keeps records by a stable hash of their key, so a
     dataset without a val/ folder splits the same way in every run. `infinite` streams run through epochs
     forever (training); finite ones end after one pass (evaluation, index building). `start_batch` skips the
-    first batches of this rank's stream (resume)."""
+    first batches of this rank's stream (resume). `keep_all_captions` gives every caption of a sample joined by
+    newlines instead of one drawn at random (for caching)."""
 
     def __init__(
         self,
@@ -55,7 +57,7 @@ class SampleStream(IterableDataset):
         start_batch: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        load_images: bool = True,
+        keep_all_captions: bool = False,
     ):
         super().__init__()
         if holdout not in (None, "train", "val"):
@@ -74,15 +76,20 @@ class SampleStream(IterableDataset):
         self.start_batch = start_batch
         self.rank = rank
         self.world_size = world_size
-        self.load_images = load_images
+        self.keep_all_captions = keep_all_captions
 
     # ------------------------------------------------------------------------------------------------ records
 
     def _consumer(self) -> tuple[int, int, int, int]:
-        """(consumer index, consumer count, this worker's index, workers per rank)."""
+        """(consumer index, consumer count, this worker's role, workers per rank).
+
+        The DataLoader asks worker 0 first, then 1, ... in a cycle. Batch i of a rank belongs to role i % workers,
+        so a stream resumed at `start_batch` gives worker w the role (w + start_batch) % workers: worker 0 then
+        delivers batch start_batch, as the uninterrupted run's loader did at that point."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers, worker, workers
+        role = (worker + self.start_batch) % workers
+        return self.rank * workers + role, self.world_size * workers, role, workers
 
     def _keep(self, record: Record) -> bool:
         if self.holdout is None:
@@ -129,9 +136,9 @@ class SampleStream(IterableDataset):
     # ------------------------------------------------------------------------------------------------ batches
 
     def __iter__(self) -> Iterator[dict]:
-        consumer, consumers, worker, workers = self._consumer()
-        # Batch i of this rank comes from worker i % workers; skip this worker's batches before start_batch.
-        skip = max(0, -(-(self.start_batch - worker) // workers))
+        consumer, consumers, role, workers = self._consumer()
+        # Batch i of this rank comes from role i % workers; skip this role's batches before start_batch.
+        skip = max(0, -(-(self.start_batch - role) // workers))
         group: list[tuple[int, Record]] = []
         for item in self._records(consumer, consumers):
             group.append(item)
@@ -146,26 +153,37 @@ class SampleStream(IterableDataset):
             yield self._load(group)
 
     def _load(self, group: list[tuple[int, Record]]) -> dict:
-        keys, images, captions, skipped = [], [], [], 0
+        keys, images, codes, captions, skipped = [], [], [], [], 0
         for epoch, record in group:
             rng = random.Random(f"sample:{self.seed}:{epoch}:{record.key}")
-            if self.load_images:
+            if record.codes is not None:
+                codes.append(torch.as_tensor(record.codes, dtype=torch.long))
+            else:
                 try:
-                    image = self._image(record, rng)
+                    images.append(self._image(record, rng))
                 except BadImage:
                     skipped += 1
                     continue
-                images.append(image)
             keys.append(record.key)
-            captions.append(rng.choice(record.captions) if record.captions else "")
-        stacked = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size)
-        return {
-            "keys": keys,
-            "images": stacked,
-            "captions": captions,
-            "skipped": skipped,
-            "epoch": group[-1][0],
-        }
+            if self.keep_all_captions:
+                captions.append("\n".join(record.captions))
+            else:
+                captions.append(rng.choice(record.captions) if record.captions else "")
+        if skipped and self.infinite and keys:
+            # Training keeps every batch full: DDP ranks must agree on batch sizes (CLIP gathers features
+            # across them), so the samples of this batch stand in for the unreadable ones.
+            samples, good = (codes if codes else images), len(keys)
+            for index in range(skipped):
+                keys.append(keys[index % good])
+                captions.append(captions[index % good])
+                samples.append(samples[index % good])
+        batch = {"keys": keys, "captions": captions, "skipped": skipped, "epoch": group[-1][0]}
+        if codes:
+            batch["codes"] = torch.stack(codes)  # (B, h*w)
+        else:
+            empty = torch.zeros(0, 3, self.image_size, self.image_size)
+            batch["images"] = torch.stack(images) if images else empty  # (B, 3, H, W)
+        return batch
 
     def _image(self, record: Record, rng: random.Random) -> torch.Tensor:
         if record.error is not None:

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")  # matched case-insensitively
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # streamed with tarfile "r|*", which also reads compressed shards
@@ -49,6 +49,7 @@ class Record:
     captions: tuple[str, ...] = ()  # one caption per non-blank line of the .txt (or per manifest row)
     label: str | None = None  # class name, for labelled evaluation data only
     error: str | None = None  # set when the record could not be read (e.g. truncated tar); the loader skips+counts it
+    codes: Any = None  # dVAE code ids (h*w,) for records of a token cache (data/codes.py); no image then
 
     def read_bytes(self) -> bytes:
         """The encoded image: the tar member's bytes, or the image file's contents."""

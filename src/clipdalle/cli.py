@@ -1,0 +1,364 @@
+"""The `clipdalle` command: a table of subcommands, each a thin call into the package's functions.
+
+Errors a user can cause (a missing file, a bad flag, a wrong kind of run) print one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import (
+    TrainConfig,
+    add_config_flags,
+    build_config,
+    flags_for,
+    load_preset,
+)
+
+
+class UsageError(ValueError):
+    """A command-line mistake: printed as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage and exit 2
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def valid_options(parser: argparse.ArgumentParser) -> str:
+    return ", ".join(sorted(option for action in parser._actions for option in action.option_strings))
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_data_icons(args: argparse.Namespace) -> None:
+    from .data.icons import build_icons
+
+    counts = build_icons(args.out, size=args.size, colours=args.colours)["counts"]
+    print(
+        f"wrote {counts['train_images'] + counts['val_images']} images of {counts['icons']} icons to {args.out} "
+        f"({counts['val_icons']} icons held out for validation)"
+    )
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .data.sources import open_source
+    from .tokenizer import CaptionTokenizer
+
+    source = open_source(args.data, captions="required")
+    texts = (caption for record in source for caption in record.captions)
+    tokenizer = CaptionTokenizer.train(texts, args.vocab_size)
+    tokenizer.save(args.out)
+    print(f"wrote {args.out} ({tokenizer.vocab_size} tokens)")
+
+
+def training_configs(
+    args: argparse.Namespace, model_config_class: type, model_type: str, preset_prefix: str
+) -> tuple[Any, TrainConfig, bool]:
+    """defaults < preset < (with --resume) the run's own config < flags given on the command line."""
+    from . import checkpoint
+
+    preset: dict[str, Any] = {}
+    if args.preset:
+        is_file = args.preset.endswith(".json")
+        preset = load_preset(args.preset if is_file else f"{preset_prefix}-{args.preset}")
+    run_model: dict[str, Any] = {}
+    run_train: dict[str, Any] = {}
+    resume = False
+    out = Path(args.out)
+    if args.resume:
+        if (out / checkpoint.CONFIG_FILE).exists():
+            saved = checkpoint.read_config(out)
+            if saved["clipdalle"]["model_type"] != model_type:
+                raise ValueError(f"{out}: is a {saved['clipdalle']['model_type']} run, not a {model_type} run")
+        if (out / checkpoint.TRAIN_STATE_FILE).exists():
+            run_model, run_train, resume = saved.get("model", {}), saved.get("train", {}), True
+        else:
+            print(f"{out}: no checkpoint yet, starting a new run", file=sys.stderr)
+    elif (out / checkpoint.CONFIG_FILE).exists():
+        raise ValueError(f"{out}: a run already exists there; pass --resume to continue it or choose another --out")
+    model_flags = flags_for(model_config_class, args)
+    if resume and model_flags:
+        changed = {name for name, value in model_flags.items() if run_model.get(name) != value}
+        if changed:
+            raise ValueError(f"{out}: cannot change model fields of a run being resumed ({', '.join(sorted(changed))})")
+    model_config = build_config(
+        model_config_class, preset.get("model", {}), run_model, model_flags, source=f"{model_type} config"
+    )
+    train_config = build_config(
+        TrainConfig, preset.get("train", {}), run_train, flags_for(TrainConfig, args), source="train config"
+    )
+    return model_config, train_config, resume
+
+
+def cmd_train_vae(args: argparse.Namespace) -> None:
+    from .dvae import DVAEConfig
+    from .train import train_vae
+
+    model_config, train_config, resume = training_configs(args, DVAEConfig, "dvae", "vae")
+    train_vae(args.data, args.out, model_config, train_config, val_data=args.val_data, resume=resume)
+    print(f"saved {args.out}")
+
+
+def cmd_train_clip(args: argparse.Namespace) -> None:
+    from .clip import CLIPConfig
+    from .train import train_clip
+
+    if args.init and flags_for(CLIPConfig, args):
+        given = ", ".join(f"--{name.replace('_', '-')}" for name in flags_for(CLIPConfig, args))
+        raise ValueError(f"--init takes the model's shape from its weights; drop {given}")
+    model_config, train_config, resume = training_configs(args, CLIPConfig, "clip", "clip")
+    train_clip(
+        args.data,
+        args.out,
+        model_config,
+        train_config,
+        tokenizer_path=args.tokenizer,
+        init=args.init,
+        lock_image=args.lock_image,
+        val_data=args.val_data,
+        resume=resume,
+    )
+    print(f"saved {args.out}")
+
+
+def image_paths(items: Sequence[str]) -> list[Path]:
+    """Files as given, folders expanded to the images inside them (sorted)."""
+    from .data.sources import IMAGE_EXTENSIONS
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ValueError(f"{path}: no images found (looked for {' '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image or folder")
+    return paths
+
+
+def read_labels(args: argparse.Namespace) -> list[str]:
+    labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
+    if args.labels_file:
+        path = Path(args.labels_file)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such labels file")
+        labels += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(labels) < 2:
+        raise ValueError("classify needs at least two labels: --labels 'cat,dog' or --labels-file FILE (one per line)")
+    return labels
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from . import clip
+    from .train import resolve_device
+    from .transforms import BadImage
+
+    device = resolve_device(args.device)
+    model, preprocess, tokenizer = clip.load(args.clip, device=device)
+    labels = read_labels(args)
+    templates = [t for t in (args.templates or "").split("|") if t] or None
+    paths, images = [], []
+    for path in image_paths(args.images):
+        try:
+            images.append(preprocess(path))
+            paths.append(path)
+        except BadImage as error:
+            print(f"skipped: {error}", file=sys.stderr)
+    if not images:
+        raise ValueError("classify: none of the given images could be read")
+    probabilities = clip.classify(model, torch.stack(images).to(device), labels, tokenizer, templates).cpu()
+    top = min(args.top, len(labels))
+    results = []
+    for path, row in zip(paths, probabilities):
+        values, indices = row.topk(top)
+        best = [{"label": labels[i], "prob": round(float(v), 6)} for v, i in zip(values, indices)]
+        results.append({"image": str(path), "top": best})
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return
+    kind = "sigmoid per label" if model.config.loss == "siglip" else "softmax over labels"
+    print(f"# probabilities: {kind}")
+    for result in results:
+        ranked = ", ".join(f"{item['label']} {item['prob']:.3f}" for item in result["top"])
+        print(f"{result['image']}: {ranked}")
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    import json
+
+    from .train import linear_probe, resolve_device
+
+    results = linear_probe(args.clip, args.data, val_data=args.val_data, device=str(resolve_device(args.device)))
+    print(json.dumps(results, indent=2))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .clip_convert import convert
+
+    path = convert(
+        args.source, args.out, to=args.to, quick_gelu=args.quick_gelu, trust_torchscript=args.trust_torchscript
+    )
+    print(f"wrote {path}")
+
+
+def cmd_guide(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import checkpoint, clip
+    from .guide import guide
+    from .transforms import load_image, make_grid, save_image
+
+    vae = checkpoint.load_model(args.vae, expect="dvae")
+    clip_model, _, tokenizer = clip.load(args.clip)
+    init_codes = None
+    if args.init_image:
+        init_codes = vae.encode(load_image(args.init_image, vae.config.image_size)[None])[0]
+    result = guide(
+        vae, clip_model, tokenizer, args.prompt, steps=args.steps, lr=args.lr, seed=args.seed, init_codes=init_codes
+    )
+    out = Path(args.out)
+    save_image(result.image, out / "final.png")
+    save_image(make_grid(torch.stack(result.snapshots), n_col=len(result.snapshots)), out / "progress.png")
+    scores = ", ".join(f"{step}: {score:.3f}" for step, score in zip(result.snapshot_steps, result.scores))
+    print(f"CLIP score by step: {scores}")
+    print(f"wrote {out / 'final.png'} and {out / 'progress.png'}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from .pipeline import run_pipeline
+
+    report = run_pipeline(args.preset, args.out, fresh=args.fresh, data_dir=args.data_dir)
+    print(f"done: {report}")
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def add_training_flags(parser: argparse.ArgumentParser, model_config_class: type) -> None:
+    parser.add_argument("--data", required=True, help="dataset: folder, .tar shards (glob/brace), or manifest")
+    parser.add_argument("--out", required=True, help="run directory to write")
+    parser.add_argument("--val-data", default=None, help="validation dataset (default: DATA/val or a hash hold-out)")
+    parser.add_argument("--preset", default=None, help="preset name in configs/ (e.g. tiny, demo) or a .json path")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_config_flags(parser, model_config_class, "model")
+    add_config_flags(parser, TrainConfig, "training")
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .clip import CLIPConfig
+    from .dvae import DVAEConfig
+
+    parser = Parser(prog="clipdalle", description="Train and use DALL·E and CLIP on your own images.")
+    parser.add_argument("--version", action="version", version=f"clipdalle {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def command(
+        group: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler, command_parser=sub)
+        return sub
+
+    data = commands.add_parser("data", help="build datasets").add_subparsers(dest="what", required=True)
+    icons = command(data, "icons", cmd_data_icons, "render the built-in Material Design Icons dataset")
+    icons.add_argument("--out", required=True, help="output folder (train/*.tar, val/*.tar, metadata.jsonl)")
+    icons.add_argument("--size", type=int, default=32, choices=(32, 64, 128), help="image size in pixels")
+    icons.add_argument("--colours", type=int, default=8, choices=range(1, 9), metavar="1-8", help="palette colours")
+
+    tokenizer = commands.add_parser("tokenizer", help="caption tokenizer").add_subparsers(dest="what", required=True)
+    tok_train = command(tokenizer, "train", cmd_tokenizer_train, "train a byte-level BPE on a dataset's captions")
+    tok_train.add_argument("--data", required=True, help="dataset with captions")
+    tok_train.add_argument("--vocab-size", type=int, default=1000, help="vocabulary size incl. special tokens")
+    tok_train.add_argument("--out", required=True, help="tokenizer.json to write")
+
+    train = commands.add_parser("train", help="train a model").add_subparsers(dest="what", required=True)
+    add_training_flags(command(train, "vae", cmd_train_vae, "train the discrete VAE (image tokenizer)"), DVAEConfig)
+
+    train_clip_parser = command(train, "clip", cmd_train_clip, "train or fine-tune CLIP on image-caption pairs")
+    add_training_flags(train_clip_parser, CLIPConfig)
+    train_clip_parser.add_argument("--tokenizer", default=None, help="caption tokenizer.json (default: train one)")
+    train_clip_parser.add_argument("--init", default=None, help="start from a CLIP: a run, OpenAI .pt, open_clip, HF")
+    train_clip_parser.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
+
+    classify = command(commands, "classify", cmd_classify, "zero-shot classification of images from text labels")
+    classify.add_argument("images", nargs="+", help="image files or folders")
+    classify.add_argument("--clip", required=True, help="CLIP: a run directory or OpenAI/open_clip/HF weights")
+    classify.add_argument("--labels", default=None, help="comma-separated labels")
+    classify.add_argument("--labels-file", default=None, help="a file with one label per line")
+    classify.add_argument("--templates", default=None, help="prompt templates separated by |, e.g. 'a photo of a {}.'")
+    classify.add_argument("--top", type=int, default=5, help="labels to show per image")
+    classify.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    add_runtime_flags(classify)
+
+    probe = command(commands, "probe", cmd_probe, "linear probe and zero-shot accuracy on a labelled dataset")
+    probe.add_argument("--clip", required=True, help="CLIP run or weights")
+    probe.add_argument("--data", required=True, help="labelled data: class-per-folder or CSV image,label")
+    probe.add_argument("--val-data", default=None, help="labelled test data (default: a 20 %% hash hold-out)")
+    add_runtime_flags(probe)
+
+    convert = command(commands, "convert", cmd_convert, "write a CLIP checkpoint in another layout")
+    convert.add_argument("source", help="a run, OpenAI .pt, open_clip file/directory or HF directory")
+    convert.add_argument("--to", required=True, choices=("hf", "openai"), help="target layout")
+    convert.add_argument("--out", required=True, help="output directory (or .safetensors file for --to openai)")
+    convert.add_argument("--quick-gelu", default=None, action=argparse.BooleanOptionalAction, help="activation")
+    convert.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI TorchScript archives (code)")
+
+    guide = command(commands, "guide", cmd_guide, "CLIP-guided generation on the dVAE's code grid (VQGAN+CLIP)")
+    guide.add_argument("prompt", help="what the image should show")
+    guide.add_argument("--vae", required=True, help="dVAE run")
+    guide.add_argument("--clip", required=True, help="CLIP run or weights")
+    guide.add_argument("--out", required=True, help="output folder (final.png, progress.png)")
+    guide.add_argument("--steps", type=int, default=200, help="optimisation steps")
+    guide.add_argument("--lr", type=float, default=0.2, help="Adam learning rate on the code logits")
+    guide.add_argument("--seed", type=int, default=0, help="seed for the start and the cutouts")
+    guide.add_argument("--init-image", default=None, help="start from this image's codes instead of noise")
+
+    pipeline = command(commands, "pipeline", cmd_pipeline, "run a multi-stage job (the demo) end to end")
+    pipeline.add_argument("--preset", default="demo", help="pipeline preset in configs/ (demo, small, ml6)")
+    pipeline.add_argument("--out", default="runs/demo", help="output folder for the models and the report")
+    pipeline.add_argument("--data-dir", default="data", help="where built-in datasets are rendered")
+    pipeline.add_argument("--fresh", action="store_true", help="start over instead of skipping finished stages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            sub = getattr(args, "command_parser", parser)
+            raise UsageError(f"{sub.prog}: unknown option(s) {' '.join(extra)}; valid options: {valid_options(sub)}")
+        args.handler(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
