@@ -129,3 +129,11 @@ def test_fine_tune_from_a_run_with_locked_image_tower(capsys, tiny_clip_run, sha
     after, _, _ = clip.load(out)
     assert torch.equal(before.visual.conv1.weight, after.visual.conv1.weight)
     assert not torch.equal(before.token_embedding.weight, after.token_embedding.weight)
+
+
+def test_load_gives_a_tokenizer_that_takes_just_texts(tiny_clip_run):
+    model, preprocess, tokenizer = clip.load(tiny_clip_run)
+    text = tokenizer(["a red circle", "a blue cross"])
+    assert text.shape == (2, model.config.context_length)
+    logits_per_image, logits_per_text = model(torch.rand(3, 3, 32, 32), text)
+    assert logits_per_image.shape == (3, 2) and logits_per_text.shape == (2, 3)

@@ -130,3 +130,21 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     with open(tmp_path / "part" / "metrics.csv") as handle:
         steps = [int(r["step"]) for r in csv.DictReader(handle) if r["name"] == "loss" and r["split"] == "train"]
     assert steps == [5, 10, 15, 20, 25, 30]  # rows logged after the checkpoint were dropped, none duplicated
+
+
+def test_gradient_accumulation_reads_that_many_batches_per_step(tmp_path):
+    seen = []
+
+    def counting_loss(model, batch, progress):
+        seen.append(batch["keys"][0])
+        return toy_loss(model, batch, progress)
+
+    train(Toy(ToyConfig()), counting_loss, toy_batches(), tmp_path / "run", config(steps=5, grad_accum=3))
+    assert len(seen) == 15 and len(set(seen)) == 15
+    assert checkpoint.load_train_state(tmp_path / "run")["data_position"] == 15
+
+
+def test_bf16_autocast_trains(tmp_path):
+    torch.manual_seed(0)
+    model = train(Toy(ToyConfig()), toy_loss, toy_batches(), tmp_path / "run", config(steps=10, dtype="bf16"))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())

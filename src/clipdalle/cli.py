@@ -128,6 +128,155 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
     print(f"saved {args.out}")
 
 
+def cmd_train_dalle(args: argparse.Namespace) -> None:
+    from .dalle import DALLEConfig
+    from .train import train_dalle
+
+    model_config, train_config, resume = training_configs(args, DALLEConfig, "dalle", "dalle")
+    train_dalle(
+        args.data,
+        args.out,
+        model_config,
+        train_config,
+        vae_run=args.vae,
+        tokenizer_path=args.tokenizer,
+        tokens=args.tokens,
+        val_data=args.val_data,
+        resume=resume,
+    )
+    print(f"saved {args.out}")
+
+
+def cmd_tokens_cache(args: argparse.Namespace) -> None:
+    from . import checkpoint
+    from .data.codes import build_code_cache
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    vae = checkpoint.load_model(args.vae, expect="dvae", device=device)
+    info = build_code_cache(vae, args.vae, args.data, args.out, val_data=args.val_data, device=device)
+    print(f"wrote codes of {sum(info['counts'].values())} images to {args.out} ({info['skipped_images']} skipped)")
+
+
+def load_dalle_bundle(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(DALL·E, its dVAE, its tokenizer, a CLIP bundle or None) from --dalle RUN [--clip RUN]."""
+    from . import checkpoint
+    from .tokenizer import CaptionTokenizer
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    run = Path(args.dalle)
+    model = checkpoint.load_model(run, expect="dalle", device=device)
+    vae = checkpoint.load_model(run / "vae", expect="dvae", device=device)
+    tokenizer = CaptionTokenizer.load(run / checkpoint.TOKENIZER_FILE)
+    clip_bundle = None
+    if args.clip:
+        from . import clip
+
+        clip_bundle = clip.load(args.clip, device=device)
+    return model, vae, tokenizer, clip_bundle
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        cond_scale=args.cond_scale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+
+
+def write_generation(generation: Any, out: str | Path, n_col: int) -> None:
+    """OUT/NNN.png per image, OUT/grid.png, OUT/results.json (best first per prompt)."""
+    import json
+
+    from .checkpoint import write_json
+    from .transforms import save_image
+
+    out = Path(out)
+    results = []
+    for index, image in enumerate(generation.images):
+        name = f"{index:03d}.png"
+        save_image(image, out / name)
+        score = None if generation.clip_scores is None else round(float(generation.clip_scores[index]), 6)
+        results.append(
+            {
+                "prompt": generation.prompts[index],
+                "file": name,
+                "seed": generation.seeds[index],
+                "clip_score": score,
+                "log_likelihood": round(float(generation.log_likelihood[index]), 4),
+            }
+        )
+    save_image(generation.images, out / "grid.png", n_col=n_col)
+    write_json(out / "results.json", results)
+    print(json.dumps({"images": len(results), "out": str(out)}))
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such prompts file")
+        prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    if not prompts:
+        raise ValueError('generate: give a prompt ("" samples unconditionally) or --prompts-file FILE')
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .sampling import generate
+
+    model, vae, tokenizer, clip_bundle = load_dalle_bundle(args)
+    generation = generate(
+        model, vae, tokenizer, read_prompts(args), n=args.n, keep=args.keep, clip=clip_bundle, **sampling_options(args)
+    )
+    write_generation(generation, args.out, n_col=args.keep or args.n)
+
+
+def parse_box(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"--box {text!r}: expected x0,y0,x1,y1 in pixels (end exclusive), e.g. 8,8,24,24")
+    return values
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    from .sampling import inpaint, mask_from_image
+    from .transforms import load_image
+
+    if (args.box is None) == (args.mask is None):
+        raise ValueError("inpaint: give exactly one of --box x0,y0,x1,y1 or --mask FILE")
+    model, vae, tokenizer, clip_bundle = load_dalle_bundle(args)
+    size = vae.config.image_size
+    image = load_image(args.image, size)
+    region = parse_box(args.box) if args.box else mask_from_image(args.mask, size)
+    generation = inpaint(
+        model, vae, tokenizer, image, region, args.prompt, n=args.n, keep=args.keep, clip=clip_bundle,
+        **sampling_options(args),
+    )  # fmt: skip
+    write_generation(generation, args.out, n_col=args.keep or args.n)
+
+
+def cmd_variations(args: argparse.Namespace) -> None:
+    from .sampling import variations
+    from .transforms import load_image
+
+    model, vae, tokenizer, clip_bundle = load_dalle_bundle(args)
+    image = load_image(args.image, vae.config.image_size)
+    generation = variations(
+        model, vae, tokenizer, image, args.prompt, n=args.n, keep_rows=args.keep_rows, keep=args.keep,
+        clip=clip_bundle, **sampling_options(args),
+    )  # fmt: skip
+    write_generation(generation, args.out, n_col=args.keep or args.n)
+
+
 def image_paths(items: Sequence[str]) -> list[Path]:
     """Files as given, folders expanded to the images inside them (sorted)."""
     from .data.sources import IMAGE_EXTENSIONS
@@ -223,11 +372,23 @@ def cmd_guide(args: argparse.Namespace) -> None:
     from .guide import guide
     from .transforms import load_image, make_grid, save_image
 
-    vae = checkpoint.load_model(args.vae, expect="dvae")
+    if args.init_image and args.init_dalle:
+        raise ValueError("guide: give at most one of --init-image and --init-dalle")
+    if not args.vae and not args.init_dalle:
+        raise ValueError("guide: give --vae RUN (or --init-dalle RUN, whose dVAE is then used)")
+    vae = checkpoint.load_model(args.vae or Path(args.init_dalle) / "vae", expect="dvae")
     clip_model, _, tokenizer = clip.load(args.clip)
     init_codes = None
     if args.init_image:
         init_codes = vae.encode(load_image(args.init_image, vae.config.image_size)[None])[0]
+    if args.init_dalle:
+        from .sampling import generate
+        from .tokenizer import CaptionTokenizer
+
+        dalle_run = Path(args.init_dalle)
+        dalle_model = checkpoint.load_model(dalle_run, expect="dalle")
+        dalle_tokenizer = CaptionTokenizer.load(dalle_run / checkpoint.TOKENIZER_FILE)
+        init_codes = generate(dalle_model, vae, dalle_tokenizer, [args.prompt], n=1, seed=args.seed).codes[0]
     result = guide(
         vae, clip_model, tokenizer, args.prompt, steps=args.steps, lr=args.lr, seed=args.seed, init_codes=init_codes
     )
@@ -265,6 +426,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .clip import CLIPConfig
+    from .dalle import DALLEConfig
     from .dvae import DVAEConfig
 
     parser = Parser(prog="clipdalle", description="Train and use DALL·E and CLIP on your own images.")
@@ -299,6 +461,49 @@ def build_parser() -> argparse.ArgumentParser:
     train_clip_parser.add_argument("--init", default=None, help="start from a CLIP: a run, OpenAI .pt, open_clip, HF")
     train_clip_parser.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
 
+    train_dalle_parser = command(train, "dalle", cmd_train_dalle, "train the DALL·E transformer on dVAE codes")
+    add_training_flags(train_dalle_parser, DALLEConfig)
+    train_dalle_parser.add_argument("--vae", required=True, help="the dVAE run whose codes the model learns")
+    train_dalle_parser.add_argument("--tokenizer", default=None, help="caption tokenizer.json (default: train one)")
+    train_dalle_parser.add_argument("--tokens", default=None, help="token cache folder (default: OUT/tokens)")
+
+    tokens = commands.add_parser("tokens", help="dVAE token cache").add_subparsers(dest="what", required=True)
+    cache = command(tokens, "cache", cmd_tokens_cache, "encode a dataset to dVAE codes once")
+    cache.add_argument("--vae", required=True, help="dVAE run")
+    cache.add_argument("--data", required=True, help="dataset (folder, shards, manifest)")
+    cache.add_argument("--val-data", default=None, help="validation dataset (default: DATA/val if present)")
+    cache.add_argument("--out", required=True, help="cache folder")
+    add_runtime_flags(cache)
+
+    def sampling_parser(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        sub = command(commands, name, handler, help_text)
+        sub.add_argument("--dalle", required=True, help="DALL·E run (its dVAE and tokenizer come with it)")
+        sub.add_argument("--clip", default=None, help="CLIP run or weights to rerank the samples")
+        sub.add_argument("--out", required=True, help="output folder: NNN.png, grid.png, results.json")
+        sub.add_argument("-n", type=int, default=16, help="samples per prompt")
+        sub.add_argument("--keep", type=int, default=None, help="best samples kept per prompt (default: all)")
+        sub.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+        sub.add_argument("--top-k", type=int, default=None, help="keep the k most likely image codes")
+        sub.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+        sub.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+        sub.add_argument("--seed", type=int, default=None, help="base seed (sample i gets seed + i)")
+        sub.add_argument("--batch-size", type=int, default=64, help="samples decoded at once")
+        add_runtime_flags(sub)
+        return sub
+
+    generate = sampling_parser("generate", cmd_generate, "generate images from text, reranked by CLIP")
+    generate.add_argument("prompts", nargs="*", help="prompts (an empty string samples unconditionally)")
+    generate.add_argument("--prompts-file", default=None, help="one prompt per line")
+    inpaint = sampling_parser("inpaint", cmd_inpaint, "regenerate a region of an image to fit a prompt")
+    inpaint.add_argument("prompt", help="what the whole image should show")
+    inpaint.add_argument("--image", required=True, help="the image to edit")
+    inpaint.add_argument("--box", default=None, help="region x0,y0,x1,y1 in pixels of the model's size")
+    inpaint.add_argument("--mask", default=None, help="mask image: its transparent (or white) area is regenerated")
+    variations = sampling_parser("variations", cmd_variations, "variations of an image: keep its top rows")
+    variations.add_argument("prompt", help="caption for the variations")
+    variations.add_argument("--image", required=True, help="the image to vary")
+    variations.add_argument("--keep-rows", type=int, default=None, help="code rows kept (default: half the grid)")
+
     classify = command(commands, "classify", cmd_classify, "zero-shot classification of images from text labels")
     classify.add_argument("images", nargs="+", help="image files or folders")
     classify.add_argument("--clip", required=True, help="CLIP: a run directory or OpenAI/open_clip/HF weights")
@@ -324,13 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     guide = command(commands, "guide", cmd_guide, "CLIP-guided generation on the dVAE's code grid (VQGAN+CLIP)")
     guide.add_argument("prompt", help="what the image should show")
-    guide.add_argument("--vae", required=True, help="dVAE run")
+    guide.add_argument("--vae", default=None, help="dVAE run (default: the --init-dalle run's)")
     guide.add_argument("--clip", required=True, help="CLIP run or weights")
     guide.add_argument("--out", required=True, help="output folder (final.png, progress.png)")
     guide.add_argument("--steps", type=int, default=200, help="optimisation steps")
     guide.add_argument("--lr", type=float, default=0.2, help="Adam learning rate on the code logits")
     guide.add_argument("--seed", type=int, default=0, help="seed for the start and the cutouts")
     guide.add_argument("--init-image", default=None, help="start from this image's codes instead of noise")
+    guide.add_argument("--init-dalle", default=None, help="start from a sample of this DALL·E run for the prompt")
 
     pipeline = command(commands, "pipeline", cmd_pipeline, "run a multi-stage job (the demo) end to end")
     pipeline.add_argument("--preset", default="demo", help="pipeline preset in configs/ (demo, small, ml6)")

@@ -636,6 +636,8 @@ def load(
         tokenizer_source = found.tokenizer_path
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else tokenizer_source)
+    if getattr(tokenizer, "context_length", 0) is None:  # our caption tokenizer: `tokenizer(texts)` just works
+        tokenizer.context_length = model.config.context_length
     model = model.to(device).eval()
     return model, functools.partial(preprocess, image_size=model.config.image_size), tokenizer
 

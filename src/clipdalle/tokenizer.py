@@ -46,8 +46,9 @@ class CaptionTokenizer:
     eos_id = 1
     bos_id = 2
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context_length: int | None = None):
         self.tokenizer = tokenizer
+        self.context_length = context_length  # default length of encode(); a model's loader sets its own
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> CaptionTokenizer:
@@ -117,8 +118,14 @@ class CaptionTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
-    def encode(self, texts: str | list[str], length: int) -> torch.Tensor:
-        """Texts -> LongTensor (N, length): <bos> tokens <eos> then <pad>; long texts are cut, keeping <eos> last."""
+    def encode(self, texts: str | list[str], length: int | None = None) -> torch.Tensor:
+        """Texts -> LongTensor (N, length): <bos> tokens <eos> then <pad>; long texts are cut, keeping <eos> last.
+
+        `length` defaults to `context_length`, which a model's loader sets (`clip.load` sets the CLIP's)."""
+        if length is None:
+            if self.context_length is None:
+                raise ValueError("encode: give the token length, e.g. tokenizer(texts, 32)")
+            length = self.context_length
         _check_length(length)
         if isinstance(texts, str):
             texts = [texts]

@@ -608,3 +608,118 @@ def _pil(record: Any) -> Any:
     from .transforms import decode_image
 
     return decode_image(record.read_bytes(), record.name)
+
+
+def train_dalle(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    vae_run: str | Path,
+    tokenizer_path: str | Path | None = None,
+    tokens: str | Path | None = None,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains the DALL·E transformer on a dataset encoded once by the dVAE in `vae_run`.
+
+    The dVAE is copied into RUN/vae/ (a run refuses a different dVAE later); the dataset's codes are cached in
+    `tokens` (default RUN/tokens/) and reused while the dVAE and the data are the same; each evaluation reports
+    validation loss in bits per image token and writes samples for fixed validation captions."""
+    import shutil
+
+    from . import dalle, sampling
+    from .config import replace
+    from .data.codes import build_code_cache, cache_is_current, open_code_cache, weights_sha256
+    from .data.loader import SampleStream, batches, make_loader
+
+    out = Path(out)
+    rank, world, local_rank = distributed_context()
+    device = resolve_device(config.device, local_rank)
+    init_distributed(device)
+    vae_dir = out / "vae"
+    if rank == 0:
+        if (vae_dir / checkpoint.WEIGHTS_FILE).exists():
+            if Path(vae_run).resolve() != vae_dir.resolve() and weights_sha256(vae_dir) != weights_sha256(vae_run):
+                raise ValueError(
+                    f"{out} was trained with the dVAE in {vae_dir} (sha256 {weights_sha256(vae_dir)[:12]}), not with "
+                    f"{vae_run} (sha256 {weights_sha256(vae_run)[:12]}); train a new DALL·E run for another dVAE"
+                )
+        else:
+            checkpoint.load_model(vae_run, expect="dvae")  # a clear error before copying anything
+            shutil.copytree(
+                vae_run, vae_dir, ignore=shutil.ignore_patterns(checkpoint.TRAIN_STATE_FILE, ".*"), dirs_exist_ok=True
+            )
+    barrier()
+    vae = checkpoint.load_model(vae_dir, expect="dvae", device=device)
+    derived = {"image_vocab_size": vae.config.vocab_size, "grid_size": vae.config.grid_size}
+    if any(getattr(model_config, name) != value for name, value in derived.items()):
+        print(f"note: image_vocab_size and grid_size follow the dVAE: {derived}", file=sys.stderr)
+        model_config = replace(model_config, **derived)
+    tokenizer = prepare_tokenizer(out, data, model_config.text_vocab_size, tokenizer_path, resume)
+
+    tokens = Path(tokens) if tokens is not None else out / "tokens"
+    if rank == 0 and not cache_is_current(tokens, vae_dir, data):
+        build_code_cache(vae, vae_dir, data, tokens, val_data=val_data, num_workers=config.num_workers, device=device)
+    barrier()
+    train_source = open_code_cache(tokens, "train")
+    has_val = (tokens / "val-00000.npz").exists()
+    val_source = open_code_cache(tokens, "val") if has_val else train_source
+
+    def train_stream(start_batch: int) -> SampleStream:
+        return SampleStream(
+            train_source,
+            image_size=vae.config.image_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            holdout=None if has_val else "train",
+            val_fraction=config.val_fraction,
+            start_batch=start_batch,
+            rank=rank,
+            world_size=world,
+        )
+
+    def val_batches() -> Iterable[dict]:
+        stream = SampleStream(
+            val_source,
+            image_size=vae.config.image_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            holdout=None if has_val else "val",
+            val_fraction=config.val_fraction,
+            shuffle=False,
+            infinite=False,
+        )
+        return make_loader(stream, num_workers=0)
+
+    def with_text(batch: dict) -> dict:
+        if "text" not in batch:
+            batch["text"] = tokenizer(batch["captions"], model_config.text_length).to(batch["codes"].device)
+        return batch
+
+    def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return dalle.loss_fn(model, with_text(batch), progress)
+
+    def evaluate(model: torch.nn.Module, batches_: list[dict]) -> tuple[dict[str, float], torch.Tensor | None]:
+        metrics, _ = dalle.evaluate(model, [with_text(batch) for batch in batches_])
+        prompts = [caption for batch in batches_ for caption in batch["captions"]][:8]
+        samples = sampling.generate(model, vae, tokenizer, prompts, n=4, seed=0)
+        truth = vae.decode(torch.cat([batch["codes"] for batch in batches_])[: len(prompts)])  # (P, 3, H, W)
+        rows = torch.cat([truth[:, None], samples.images.view(len(prompts), 4, *truth.shape[1:])], 1)
+        from .transforms import make_grid
+
+        return metrics, make_grid(rows.flatten(0, 1), n_col=5)  # each row: the real image, then 4 samples
+
+    torch.manual_seed(config.seed)
+    model = dalle.DALLE(model_config)
+    return train(
+        model,
+        loss_fn,
+        batches(train_stream, config.num_workers),
+        out,
+        config,
+        val_batches=val_batches,
+        evaluate=evaluate,
+        resume=resume,
+    )

@@ -1,0 +1,679 @@
+"""Sampling from the DALL·E transformer: text to images, region editing (inpainting) and variations.
+
+The caption goes through the transformer once, then the codes are decoded one position per step with a
+preallocated key/value cache per layer (clipdalle.layers.KVCache), many prompts and samples in one batch.
+Each step's logits over the image codebook pass through pure filters (temperature, top-k, top-p) and a code
+is drawn by the Gumbel-max trick from noise that comes from one random generator per sample, so a sample
+depends only on its seed: `Generation.seeds[i]` regenerates image i on its own (`n=1, seed=seeds[i]`).
+
+Classifier-free guidance (Ho & Salimans 2022; for DALL·E, Crowson): the conditional streams and as many
+unconditional ones (the empty caption, which caption dropout trained) run in one batch of 2B rows, each row
+with its own cache rows, and sampling uses uncond + cond_scale * (cond - uncond); cond_scale 1 skips the
+unconditional half and is plain sampling.
+
+Ranking: with a CLIP bundle every sample is scored by CLIP similarity with its prompt, else by the model's
+log-likelihood of its codes (nats, under the conditional model at temperature 1 without filters), and the best
+`keep` per prompt are returned, best first.
+
+Region editing (DALL·E paper, figure 2): the codes of the cells overlapping the region are resampled in raster
+order while all other codes are fed as given, so the new content is consistent with the image after the region
+too when ranked by the likelihood of the whole sequence; the output keeps the original pixels outside the
+region exactly and blends the decoded pixels in over a few pixels inside its border.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import unwrap
+from .dalle import DALLE, PAD_ID, empty_captions
+
+DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
+NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
+
+
+@dataclass
+class Generation:
+    """Samples, best first within each prompt; prompts in the order given. M = prompts x keep."""
+
+    images: torch.Tensor  # (M, 3, H, W) in [0, 1]
+    codes: torch.Tensor  # (M, h, w) dVAE codes the images were decoded from
+    prompts: list[str]  # the prompt of each sample, as given (before truncation)
+    seeds: list[int]  # the seed of each sample: n=1 with this seed regenerates it
+    log_likelihood: torch.Tensor  # (M,) log p(codes | caption) in nats over the image tokens
+    clip_scores: torch.Tensor | None  # (M,) CLIP cosine similarity with the prompt, or None without CLIP
+
+
+# ------------------------------------------------------------------------------------------ pure filters
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature (temperature > 0); below 1 sharpens, above 1 flattens. 0 means greedy: see
+    `choose_codes`."""
+    if temperature <= 0:
+        raise ValueError(f"apply_temperature: temperature must be > 0, got {temperature} (0 is greedy decoding)")
+    return logits if temperature == 1 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keeps the k largest logits of each row (ties at the k-th value are kept), sets the rest to -inf.
+    k counts image codes: k >= the vocabulary keeps everything."""
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    if k < 1:
+        raise ValueError(f"top_k must be at least 1, got {k}")
+    threshold = logits.topk(k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filter (Holtzman et al. 2020): keeps the smallest set of most likely codes whose probability
+    reaches p, always at least the most likely one; sets the rest to -inf."""
+    if p is None or p >= 1:
+        return logits
+    if not 0 < p:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probabilities = sorted_logits.softmax(dim=-1)
+    mass_before = probabilities.cumsum(dim=-1) - probabilities  # probability of the more likely codes
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 gives cond, 0 the unconditional."""
+    return uncond + scale * (cond - uncond)
+
+
+def gumbel_noise(uniform: torch.Tensor) -> torch.Tensor:
+    """-log(-log(u)) for u uniform in [0, 1): argmax(logits + noise) samples from softmax(logits)."""
+    return -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+
+
+def choose_codes(
+    logits: torch.Tensor,
+    noise: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Draws one code per row of logits (B, V) with Gumbel noise (B, V): temperature, then top-k, then top-p,
+    then argmax(logits + noise). temperature 0 is greedy: the most likely code, noise unused."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
+    return (logits + noise).argmax(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------ noise per sample
+
+
+class SampleNoise:
+    """Gumbel noise (B, V) for each of `length` code indices, from one generator per sample seeded with its seed,
+    so a sample's draws do not depend on the batch it runs in. Indices must be asked in increasing order."""
+
+    def __init__(self, seeds: Sequence[int], vocab_size: int, length: int, device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self.vocab_size = vocab_size
+        self.device = device
+        self.chunk = min(length, max(1, NOISE_CHUNK_ELEMENTS // vocab_size))  # code indices per draw
+        self.loaded = -1  # index of the chunk in `block`
+        self.block: torch.Tensor | None = None  # (B, chunk, V)
+
+    def at(self, index: int) -> torch.Tensor:
+        """Noise (B, V) for code index `index`."""
+        wanted = index // self.chunk
+        if wanted < self.loaded:
+            raise ValueError(f"SampleNoise: index {index} asked after a later chunk was drawn")
+        while self.loaded < wanted:  # skipped chunks are drawn too: each sample's stream stays aligned to its seed
+            uniform = torch.stack([torch.rand(self.chunk, self.vocab_size, generator=g) for g in self.generators])
+            self.loaded += 1
+            self.block = gumbel_noise(uniform).to(self.device) if self.loaded == wanted else None  # (B, chunk, V)
+        return self.block[:, index % self.chunk]
+
+
+# ------------------------------------------------------------------------------------------ incremental decoding
+
+
+class Decoder:
+    """Incremental decoding of B captions with one preallocated KV cache per layer.
+
+    With guidance (cond_scale != 1) the batch holds B conditional rows and B unconditional rows (the empty
+    caption) after them, so each stream has its own cache rows and both run in one forward pass. `start` and
+    `extend` return (logits to sample from, conditional logits), each (B, t, V); without guidance both are the
+    conditional logits."""
+
+    def __init__(self, model: nn.Module, text: torch.Tensor, cond_scale: float = 1.0):
+        self.model: DALLE = unwrap(model)
+        self.batch_size = text.shape[0]
+        self.cond_scale = cond_scale
+        self.guided = cond_scale != 1
+        if self.guided:
+            unconditional = empty_captions(self.batch_size, self.model.config, text.device)
+            text = torch.cat([text, unconditional])  # (2B, T)
+        self.text = text
+        self.caches = self.model.new_caches()
+
+    @torch.no_grad()
+    def start(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feeds the captions and <soi>: logits of code 0, (B, 1, V) twice."""
+        return self._split(self.model.start(self.text, self.caches))
+
+    @torch.no_grad()
+    def extend(self, codes: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feeds codes (B, t) of cells first .. first + t - 1: logits of codes first + 1 .. first + t."""
+        if self.guided:
+            codes = torch.cat([codes, codes])  # (2B, t): the unconditional rows read the same codes
+        return self._split(self.model.extend(codes, first, self.caches))
+
+    def _split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.guided:
+            return logits, logits
+        cond, uncond = logits[: self.batch_size], logits[self.batch_size :]
+        return guided_logits(cond, uncond, self.cond_scale), cond
+
+
+@torch.no_grad()
+def sample_codes(
+    model: nn.Module,
+    text: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cond_scale: float = 1.0,
+    given: torch.Tensor | None = None,
+    resample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (B, N) for captions text (B, T), one seed per row, and their log-likelihood (B,) in nats.
+
+    With `resample` (N,) booleans, only those cells are drawn and the others are taken from `given` (B, N);
+    runs of given cells are fed in one chunk. The log-likelihood sums log p(code) over all N cells (given ones
+    too) under the conditional model, at temperature 1 and without filters."""
+    model = unwrap(model)
+    N = model.config.image_length
+    B = text.shape[0]
+    if len(seeds) != B:
+        raise ValueError(f"sample_codes: got {len(seeds)} seeds for {B} captions; give one seed per row")
+    if resample is not None:
+        resample = resample.reshape(-1).bool().cpu()  # (N,)
+        if given is None or resample.numel() != N:
+            raise ValueError(f"sample_codes: resample must have {N} entries and comes with given codes (B, {N})")
+        given = given.reshape(B, N).to(text.device)  # (B, N)
+    fixed = [False] * N if resample is None else (~resample).tolist()
+    noise = SampleNoise(seeds, model.config.image_vocab_size, N, text.device)
+    decoder = Decoder(model, text, cond_scale)
+    codes = torch.empty(B, N, dtype=torch.long, device=text.device)
+    log_likelihood = torch.zeros(B, device=text.device)
+    logits, cond_logits = (out[:, 0] for out in decoder.start())  # for code 0, (B, V) each
+    cell = 0
+    while True:
+        if fixed[cell]:
+            end = cell + 1
+            while end < N and fixed[end]:
+                end += 1
+            codes[:, cell:end] = given[:, cell:end]
+        else:
+            end = cell + 1
+            codes[:, cell] = choose_codes(logits, noise.at(cell), temperature, top_k, top_p)
+        log_likelihood += cond_logits.log_softmax(-1).gather(1, codes[:, cell : cell + 1])[:, 0]
+        fed = codes[:, cell : min(end, N - 1)]  # the last code is never fed
+        if fed.shape[1] == 0:
+            break
+        logits_out, cond_out = decoder.extend(fed, cell)  # for codes cell + 1 .. cell + fed length
+        inner = end - cell - 1  # given codes after the first of the run
+        if inner:
+            log_probs = cond_out[:, :inner].log_softmax(-1)  # (B, inner, V)
+            log_likelihood += log_probs.gather(2, codes[:, cell + 1 : end, None])[..., 0].sum(1)
+        if end >= N:
+            break
+        logits, cond_logits = logits_out[:, -1], cond_out[:, -1]
+        cell = end
+    return codes, log_likelihood
+
+
+# ------------------------------------------------------------------------------------------ prompts and ranking
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], length: int) -> torch.Tensor:
+    """Prompts -> text (P, length). An empty prompt is the empty caption (unconditional); a prompt longer than
+    `length` tokens is truncated with a warning."""
+    rows = tokenizer.encode(list(prompts), length + 1)  # one more column: non-pad there means it did not fit
+    for prompt, row in zip(prompts, rows):
+        if int(row[length]) != tokenizer.pad_id:
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            warnings.warn(
+                f"prompt {shown!r} is longer than the model's {length} text tokens; it was truncated",
+                stacklevel=3,
+            )
+    text = tokenizer.encode(list(prompts), length)
+    empty = torch.tensor([not prompt.strip() for prompt in prompts], dtype=torch.bool)
+    return text.masked_fill(empty[:, None], PAD_ID)
+
+
+def clip_scores(clip: Any, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """CLIP cosine similarity (M,) of each image (M, 3, H, W) with its prompt, using a loaded CLIP bundle
+    `(model, preprocess, tokenizer)` as returned by `clipdalle.clip.load` (images are resized to its input)."""
+    from .clip import similarity
+
+    if not isinstance(clip, (tuple, list)) or len(clip) != 3:
+        raise ValueError(
+            "clip must be the (model, preprocess, tokenizer) bundle returned by clipdalle.clip.load(path), "
+            f"got {type(clip).__name__}"
+        )
+    clip_model, _, clip_tokenizer = clip
+    clip_model = unwrap(clip_model)
+    size = clip_model.config.image_size
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        images = images.clamp(0, 1)
+    scores = torch.empty(len(prompts))
+    unique = list(dict.fromkeys(prompts))
+    text = clip_tokenizer(unique, clip_model.config.context_length)  # (P, ctx)
+    for index, prompt in enumerate(unique):
+        rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        scores[rows] = similarity(clip_model, images[rows], text[index : index + 1])[:, 0].float().cpu()
+    return scores
+
+
+def best_per_group(scores: torch.Tensor, group_size: int, keep: int) -> torch.Tensor:
+    """Indices of the `keep` best scores in each consecutive group of `group_size`, best first per group."""
+    if scores.numel() % group_size:
+        raise ValueError(f"best_per_group: {scores.numel()} scores do not split into groups of {group_size}")
+    grouped = scores.reshape(-1, group_size)  # (P, n)
+    order = grouped.argsort(dim=1, descending=True, stable=True)[:, :keep]  # (P, keep)
+    offsets = torch.arange(grouped.shape[0])[:, None] * group_size
+    return (order + offsets).reshape(-1)  # (P*keep,)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def generate(
+    model: nn.Module,
+    vae: nn.Module,
+    tokenizer: Any,
+    prompts: str | Sequence[str],
+    n: int = 1,
+    keep: int | None = None,
+    clip: Any = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cond_scale: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Generation:
+    """`n` samples per prompt; returns the best `keep` (default all n) per prompt, best first.
+
+    `clip` is a loaded CLIP bundle `(model, preprocess, tokenizer)` from `clipdalle.clip.load`: samples are
+    ranked by CLIP similarity with their prompt; without it, by log-likelihood. `top_k` counts image codes.
+    `temperature` 0 is greedy. `cond_scale` > 1 strengthens the caption (classifier-free guidance; the model
+    must have been trained with caption dropout). Sample i gets seed `seed + i` (prompt-major); without `seed`
+    a random base is drawn and reported in `Generation.seeds`."""
+    model, vae = unwrap(model), unwrap(vae)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("generate: got no prompts; give at least one (an empty string samples unconditionally)")
+    keep = _check_request(model, vae, tokenizer, n, keep, temperature, top_k, top_p, cond_scale, batch_size)
+    device = model.start_of_image_embedding.device
+    text = encode_prompts(tokenizer, prompts, model.config.text_length).to(device)  # (P, T)
+    base = seed if seed is not None else secrets.randbelow(2**31)
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(n)  # (P*n,) prompt of each sample
+    seeds = [base + index for index in range(len(prompts) * n)]
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+    with _eval_mode(model, vae):
+        codes, log_likelihood = _sample_batches(model, text[rows], seeds, batch_size, settings)
+        images = _decode_batches(vae, codes, batch_size)
+    row_prompts = [prompts[int(index)] for index in rows]
+    return _select(images, codes, row_prompts, seeds, log_likelihood, clip, n, keep, vae.config.grid_size)
+
+
+def inpaint(
+    model: nn.Module,
+    vae: nn.Module,
+    tokenizer: Any,
+    image: torch.Tensor,
+    region: Sequence[int] | torch.Tensor,
+    prompt: str,
+    n: int = 1,
+    keep: int | None = None,
+    clip: Any = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cond_scale: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    blend_radius: int | None = None,
+) -> Generation:
+    """Regenerates a region of `image` (3, H, W) in [0, 1] consistent with `prompt`; `n` candidates, the best
+    `keep` returned. `region` is a box (x0, y0, x1, y1) in pixels, end exclusive, or a mask (H, W) that is
+    True (or > 0.5) where to regenerate (see `mask_from_image`). The codes of every cell overlapping the region
+    are resampled in raster order, the others fed as given. Candidates are ranked by CLIP with `clip`, else by
+    the log-likelihood of the whole sequence (which counts the given codes after the region). The output keeps
+    the original pixels outside the region exactly; inside, the decoded pixels are blended in over
+    `blend_radius` pixels (default: a quarter of a cell) from its border."""
+    model, vae = unwrap(model), unwrap(vae)
+    keep = _check_request(model, vae, tokenizer, n, keep, temperature, top_k, top_p, cond_scale, batch_size)
+    image = _check_image(image, vae)  # (1, 3, H, W)
+    H, W = image.shape[-2:]
+    mask = region_mask(region, H, W)  # (H, W)
+    cell_size = H // vae.config.grid_size
+    if int(mask.sum()) < cell_size * cell_size:
+        raise ValueError(
+            f"inpaint: the region covers {int(mask.sum())} pixels, smaller than one {cell_size} x {cell_size} cell "
+            f"of the code grid; choose a region of at least {cell_size * cell_size} pixels"
+        )
+    cells = cells_in_region(mask, vae.config.grid_size)  # (h, w)
+    radius = max(1, cell_size // 4) if blend_radius is None else blend_radius
+    with _eval_mode(model, vae):
+        original = vae.encode(image.to(_device_of(vae)))  # (1, h, w)
+        generation = _resample(
+            model,
+            vae,
+            tokenizer,
+            original,
+            cells,
+            prompt,
+            n,
+            keep,
+            clip,
+            seed,
+            batch_size,
+            dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale),
+        )
+    alpha = blend_weights(mask, radius).to(generation.images)  # (H, W)
+    source = image.to(generation.images)
+    blended = source * (1 - alpha) + generation.images * alpha  # (M, 3, H, W)
+    generation.images = torch.where(mask.to(blended.device), blended, source)
+    return generation
+
+
+def variations(
+    model: nn.Module,
+    vae: nn.Module,
+    tokenizer: Any,
+    image: torch.Tensor,
+    prompt: str,
+    n: int = 1,
+    keep_rows: int | None = None,
+    keep: int | None = None,
+    clip: Any = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cond_scale: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> Generation:
+    """Variations of `image` (3, H, W): its top `keep_rows` code rows (default half the grid) are kept and the
+    rest resampled given `prompt` (OpenAI primed DALL·E with the top rows of an image the same way). Ranked
+    like `inpaint`; the images are decoded whole."""
+    model, vae = unwrap(model), unwrap(vae)
+    keep = _check_request(model, vae, tokenizer, n, keep, temperature, top_k, top_p, cond_scale, batch_size)
+    grid = vae.config.grid_size
+    keep_rows = grid // 2 if keep_rows is None else keep_rows
+    if not 0 <= keep_rows < grid:
+        raise ValueError(
+            f"variations: keep_rows={keep_rows} must be between 0 and {grid - 1} (the grid has {grid} rows and at "
+            f"least one row must be resampled)"
+        )
+    image = _check_image(image, vae)
+    cells = torch.zeros(grid, grid, dtype=torch.bool)
+    cells[keep_rows:] = True
+    with _eval_mode(model, vae):
+        original = vae.encode(image.to(_device_of(vae)))  # (1, h, w)
+        return _resample(
+            model,
+            vae,
+            tokenizer,
+            original,
+            cells,
+            prompt,
+            n,
+            keep,
+            clip,
+            seed,
+            batch_size,
+            dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale),
+        )
+
+
+# ------------------------------------------------------------------------------------------ regions
+
+
+def region_mask(region: Sequence[int] | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A box (x0, y0, x1, y1) in pixels (end exclusive) or a mask (H, W) / (1, H, W) -> BoolTensor (H, W),
+    True where to regenerate. A box must lie inside the image; a mask must match its size and select pixels."""
+    if isinstance(region, torch.Tensor):
+        mask = region[0] if region.dim() == 3 and region.shape[0] == 1 else region
+        if tuple(mask.shape) != (height, width):
+            raise ValueError(
+                f"region mask has shape {tuple(region.shape)}, expected ({height}, {width}) like the image"
+            )
+        mask = mask.bool() if mask.dtype == torch.bool else mask > 0.5
+        if not bool(mask.any()):
+            raise ValueError("region mask selects no pixels; mark the area to regenerate as True (or white)")
+        return mask.cpu()
+    if len(region) != 4 or not all(isinstance(value, int) for value in region):
+        raise ValueError(f"region box must be 4 integers x0,y0,x1,y1 in pixels, got {region!r}")
+    x0, y0, x1, y1 = region
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(
+            f"region box {x0},{y0},{x1},{y1} is not inside the {width} x {height} image; expected "
+            f"0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} (end exclusive)"
+        )
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def cells_in_region(mask: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """BoolTensor (h, w): the code cells that overlap the pixel mask (H, W)."""
+    H, W = mask.shape
+    if H % grid_size or W % grid_size:
+        raise ValueError(f"cells_in_region: a {W} x {H} mask does not split into a {grid_size} x {grid_size} grid")
+    cell = H // grid_size
+    return F.max_pool2d(mask[None, None].float(), kernel_size=cell)[0, 0] > 0  # (h, w)
+
+
+def blend_weights(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Float (H, W) weights of the new pixels: 0 outside the mask, rising from about 1/2 at its border to 1 at
+    `radius` pixels inside (a box blur of the mask, kept only inside it)."""
+    if radius < 0:
+        raise ValueError(f"blend radius must be >= 0 pixels, got {radius}")
+    inside = mask.float()
+    if radius == 0:
+        return inside
+    padded = F.pad(inside[None, None], (radius,) * 4, mode="replicate")  # the image edge is not a border
+    blurred = F.avg_pool2d(padded, kernel_size=2 * radius + 1, stride=1)[0, 0]  # (H, W)
+    return blurred * inside
+
+
+def mask_from_image(image: Any, size: int) -> torch.Tensor:
+    """A mask picture (a path or a PIL image) -> BoolTensor (size, size), True where to regenerate: its white
+    area, and its transparent area (composited on white). Resized and centre-cropped like
+    `clipdalle.transforms.load_image`, so it lines up with the image it masks."""
+    from .transforms import decode_image, resize_crop, to_rgb, to_tensor
+
+    picture = decode_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
+    pixels = to_tensor(resize_crop(picture, size))  # (3, size, size) in [0, 1]
+    return pixels.min(dim=0).values > 0.5  # light in every channel: white, not a saturated colour
+
+
+# ------------------------------------------------------------------------------------------ internals
+
+
+def _check_request(
+    model: nn.Module,
+    vae: nn.Module,
+    tokenizer: Any,
+    n: int,
+    keep: int | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    cond_scale: float,
+    batch_size: int,
+) -> int:
+    """Validates what every public function takes; returns `keep` with its default (n)."""
+    config = model.config
+    if getattr(model, "model_type", None) != "dalle":
+        raise ValueError(f"expected a DALL·E model, got {type(model).__name__}; load a dalle run")
+    if vae.config.vocab_size != config.image_vocab_size or vae.config.grid_size != config.grid_size:
+        raise ValueError(
+            f"the dVAE ({vae.config.vocab_size} codes, {vae.config.grid_size} x {vae.config.grid_size} grid) does not "
+            f"match the DALL·E model ({config.image_vocab_size} codes, {config.grid_size} x {config.grid_size} grid); "
+            "use the dVAE the model was trained with (RUN/vae)"
+        )
+    if tokenizer.vocab_size > config.text_vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model reads {config.text_vocab_size}; use the "
+            "tokenizer the model was trained with (RUN/tokenizer.json)"
+        )
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive number of samples per prompt, got {n!r}")
+    keep = n if keep is None else keep
+    if not isinstance(keep, int) or keep < 1 or keep > n:
+        raise ValueError(f"keep={keep!r} must be between 1 and n={n} (the samples drawn per prompt); raise n")
+    if temperature < 0 or math.isnan(temperature):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 image code (or None for all), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
+    if cond_scale < 0:
+        raise ValueError(f"cond_scale must be >= 0 (1 = no guidance, 3 = strong guidance), got {cond_scale}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return keep
+
+
+def _check_image(image: torch.Tensor, vae: nn.Module) -> torch.Tensor:
+    size = vae.config.image_size
+    batch = image[None] if image.dim() == 3 else image
+    if batch.dim() != 4 or tuple(batch.shape) != (1, 3, size, size):
+        raise ValueError(
+            f"expected one image of shape (3, {size}, {size}) in [0, 1] (the dVAE's image_size), got "
+            f"{tuple(image.shape)}; resize it first (clipdalle.transforms.load_image(path, {size}))"
+        )
+    return batch.float()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class _eval_mode:
+    """Puts modules in eval mode for the block and restores their modes after it."""
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = modules
+        self.modes: list[bool] = []
+
+    def __enter__(self) -> None:
+        self.modes = [module.training for module in self.modules]
+        for module in self.modules:
+            module.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, mode in zip(self.modules, self.modes):
+            module.train(mode)
+
+
+def _sample_batches(
+    model: DALLE,
+    text: torch.Tensor,
+    seeds: list[int],
+    batch_size: int,
+    settings: dict,
+    given: torch.Tensor | None = None,
+    resample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, log_likelihood = [], []
+    for begin in range(0, text.shape[0], batch_size):
+        end = begin + batch_size
+        batch_given = None if given is None else given[begin:end]
+        batch_codes, batch_ll = sample_codes(
+            model, text[begin:end], seeds[begin:end], given=batch_given, resample=resample, **settings
+        )
+        codes.append(batch_codes)
+        log_likelihood.append(batch_ll)
+    return torch.cat(codes), torch.cat(log_likelihood)
+
+
+def _decode_batches(vae: nn.Module, codes: torch.Tensor, batch_size: int) -> torch.Tensor:
+    grid = vae.config.grid_size
+    images = []
+    for begin in range(0, len(codes), batch_size):
+        images.append(vae.decode(codes[begin : begin + batch_size].view(-1, grid, grid)))  # codes (b, h, w)
+    return torch.cat(images)  # (M, 3, H, W)
+
+
+def _resample(
+    model: DALLE,
+    vae: nn.Module,
+    tokenizer: Any,
+    original: torch.Tensor,
+    cells: torch.Tensor,
+    prompt: str,
+    n: int,
+    keep: int,
+    clip: Any,
+    seed: int | None,
+    batch_size: int,
+    settings: dict,
+) -> Generation:
+    """n samples with the codes of `cells` (h, w) resampled and the rest of `original` (1, h, w) kept."""
+    device = model.start_of_image_embedding.device
+    text = encode_prompts(tokenizer, [prompt], model.config.text_length).to(device)  # (1, T)
+    base = seed if seed is not None else secrets.randbelow(2**31)
+    seeds = [base + index for index in range(n)]
+    given = original.reshape(1, -1).to(device).expand(n, -1)  # (n, N)
+    codes, log_likelihood = _sample_batches(
+        model, text.expand(n, -1), seeds, batch_size, settings, given=given, resample=cells.reshape(-1)
+    )  # text (n, T), resample (h*w,)
+    images = _decode_batches(vae, codes, batch_size)
+    return _select(images, codes, [prompt] * n, seeds, log_likelihood, clip, n, keep, vae.config.grid_size)
+
+
+def _select(
+    images: torch.Tensor,
+    codes: torch.Tensor,
+    prompts: list[str],
+    seeds: list[int],
+    log_likelihood: torch.Tensor,
+    clip: Any,
+    n: int,
+    keep: int,
+    grid: int,
+) -> Generation:
+    """Scores every sample (CLIP, else log-likelihood) and keeps the best `keep` of each prompt's n."""
+    scores = clip_scores(clip, images, prompts) if clip is not None else None
+    ranking = scores if scores is not None else log_likelihood.float().cpu()
+    chosen = best_per_group(ranking, n, keep)  # (P*keep,)
+    device_chosen = chosen.to(images.device)
+    return Generation(
+        images=images[device_chosen],
+        codes=codes[chosen.to(codes.device)].reshape(-1, grid, grid),  # (M, h, w)
+        prompts=[prompts[int(i)] for i in chosen],
+        seeds=[seeds[int(i)] for i in chosen],
+        log_likelihood=log_likelihood[chosen.to(log_likelihood.device)].cpu(),
+        clip_scores=None if scores is None else scores[chosen],
+    )
