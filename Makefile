@@ -18,17 +18,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/clipdalle pipeline --preset demo --out $(OUT) $(if $(FRESH),--fresh,)
 
+LINTED := src tests $(wildcard benchmarks)
+
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check $(LINTED)
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format $(LINTED)
+	$(BIN)/ruff check --fix $(LINTED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
