@@ -400,6 +400,90 @@ def cmd_guide(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'final.png'} and {out / 'progress.png'}")
 
 
+def print_json(values: Any) -> None:
+    import json
+
+    print(json.dumps(values, indent=2, ensure_ascii=False))
+
+
+def cmd_index_build(args: argparse.Namespace) -> None:
+    from .index import build_index
+    from .train import resolve_device
+
+    device = str(resolve_device(args.device))
+    info = build_index(
+        args.clip, args.data, args.out, batch_size=args.batch_size, num_workers=args.num_workers, device=device
+    )
+    if info:
+        print_json(info)
+
+
+def cmd_index_add(args: argparse.Namespace) -> None:
+    from .index import add_to_index
+    from .train import resolve_device
+
+    print_json(add_to_index(args.index, args.data, batch_size=args.batch_size, device=str(resolve_device(args.device))))
+
+
+def cmd_index_remove(args: argparse.Namespace) -> None:
+    from .index import remove_from_index
+
+    try:
+        ids = [int(item) for item in args.ids.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--ids {args.ids!r}: expected comma-separated integer ids, e.g. 3,17,42") from None
+    print(f"removed {remove_from_index(args.index, ids)} image(s)")
+
+
+def cmd_index_info(args: argparse.Namespace) -> None:
+    from .index import index_info
+
+    print_json(index_info(args.index))
+
+
+def cmd_index_export(args: argparse.Namespace) -> None:
+    from .index import export_index
+
+    print_json(export_index(args.index, args.out))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .index import search
+    from .train import resolve_device
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError('search: give a text query ("a cat wearing sunglasses") or --image FILE, not both')
+    results = search(
+        args.index, text=args.query, image=args.image, k=args.k, min_score=args.min_score,
+        device=str(resolve_device(args.device)),
+    )  # fmt: skip
+    if args.json:
+        print_json(results)
+        return
+    for result in results:
+        caption = (result["caption"] or "").split("\n")[0]
+        print(f"{result['score']:.3f}  {result['path']}  {caption}")
+
+
+def cmd_moderate(args: argparse.Namespace) -> None:
+    from .index import moderate
+    from .train import resolve_device
+
+    report = moderate(args.index, args.concepts, calibrate=args.calibrate, device=str(resolve_device(args.device)))
+    if args.json:
+        print_json(report)
+        return
+    for concept in report["concepts"]:
+        extra = ""
+        if "precision" in concept:
+            extra = f", precision {concept['precision']:.2f}, recall {concept['recall']:.2f}"
+        print(f"{concept['concept']}: threshold {concept['threshold']:.3f} ({concept['threshold_from']}){extra}, "
+              f"{concept['flagged']} flagged")  # fmt: skip
+    for item in report["flagged"]:
+        names = ", ".join(f"{hit['concept']} {hit['score']:.3f}" for hit in item["concepts"])
+        print(f"{item['path']}: {names}")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from .pipeline import run_pipeline
 
@@ -537,6 +621,46 @@ def build_parser() -> argparse.ArgumentParser:
     guide.add_argument("--seed", type=int, default=0, help="seed for the start and the cutouts")
     guide.add_argument("--init-image", default=None, help="start from this image's codes instead of noise")
     guide.add_argument("--init-dalle", default=None, help="start from a sample of this DALL·E run for the prompt")
+
+    index = commands.add_parser("index", help="embedding index of a collection").add_subparsers(
+        dest="what", required=True
+    )
+    build = command(index, "build", cmd_index_build, "embed a collection with CLIP into a searchable index")
+    build.add_argument("--clip", required=True, help="CLIP run or weights")
+    build.add_argument("--data", required=True, help="images: folder (captions optional), shards or manifest")
+    build.add_argument("--out", required=True, help="index folder")
+    build.add_argument("--batch-size", type=int, default=256, help="images embedded at once")
+    build.add_argument("--num-workers", type=int, default=1, help="image-decoding processes")
+    add_runtime_flags(build)
+    add = command(index, "add", cmd_index_add, "append images to an index without a rebuild")
+    add.add_argument("--index", required=True, help="index folder")
+    add.add_argument("--data", required=True, help="images to add")
+    add.add_argument("--batch-size", type=int, default=256, help="images embedded at once")
+    add_runtime_flags(add)
+    remove = command(index, "remove", cmd_index_remove, "drop images from an index by id")
+    remove.add_argument("--index", required=True, help="index folder")
+    remove.add_argument("--ids", required=True, help="comma-separated ids")
+    info = command(index, "info", cmd_index_info, "counts, model, index type and measured recall")
+    info.add_argument("--index", required=True, help="index folder")
+    export = command(index, "export", cmd_index_export, "write embeddings.npy and metadata.jsonl")
+    export.add_argument("--index", required=True, help="index folder")
+    export.add_argument("--out", required=True, help="output folder")
+
+    search = command(commands, "search", cmd_search, "text->image or image->image search over an index")
+    search.add_argument("query", nargs="?", default=None, help="text query")
+    search.add_argument("--index", required=True, help="index folder")
+    search.add_argument("--image", default=None, help="find images similar to this one")
+    search.add_argument("-k", type=int, default=20, help="results")
+    search.add_argument("--min-score", type=float, default=None, help="drop results below this cosine")
+    search.add_argument("--json", action="store_true", help="print a JSON list of {id, path, caption, score}")
+    add_runtime_flags(search)
+
+    moderate = command(commands, "moderate", cmd_moderate, "flag images that match text concepts")
+    moderate.add_argument("--index", required=True, help="index folder")
+    moderate.add_argument("--concepts", required=True, help="concept<TAB>threshold per line (threshold optional)")
+    moderate.add_argument("--calibrate", default=None, help="labels.csv (image,concept; 'none' = clean)")
+    moderate.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_runtime_flags(moderate)
 
     pipeline = command(commands, "pipeline", cmd_pipeline, "run a multi-stage job (the demo) end to end")
     pipeline.add_argument("--preset", default="demo", help="pipeline preset in configs/ (demo, small, ml6)")

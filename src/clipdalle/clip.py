@@ -127,8 +127,9 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
         class_token = self.class_embedding.to(x.dtype).expand(B, 1, C)  # (B, 1, C)
         x = torch.cat([class_token, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + h*w, C)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        class_positions = torch.zeros(B, dtype=torch.long, device=x.device)  # (B,)
+        x = self.transformer.forward_at(self.ln_pre(x), class_positions)  # (B, C): the class token's output
+        return self.ln_post(x) @ self.proj
 
 
 # ------------------------------------------------------------------------------------------ vision: ResNet
@@ -327,8 +328,7 @@ class CLIP(nn.Module):
         length = int(positions.max()) + 1 if text.shape[0] > 0 else 1
         text = text[:, :length]  # (B, T')
         x = self.token_embedding(text) + self.positional_embedding[:length]  # (B, T', C)
-        x = self.transformer(x, is_causal=True)
-        x = x[torch.arange(x.shape[0], device=x.device), positions]  # (B, C)
+        x = self.transformer.forward_at(x, positions, is_causal=True)  # (B, C): the end-of-text token's output
         return F.normalize(self.ln_final(x) @ self.text_projection, dim=-1)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

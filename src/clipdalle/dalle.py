@@ -209,10 +209,8 @@ class DALLE(nn.Module):
 
     def grid_position_embedding(self) -> torch.Tensor:
         """(N, C): row + column embedding of every cell in raster order."""
-        rows, columns = (
-            self.row_position_embedding[:, None],
-            self.column_position_embedding[None, :],
-        )  # (h, 1, C), (1, w, C)
+        rows = self.row_position_embedding[:, None]  # (h, 1, C)
+        columns = self.column_position_embedding[None, :]  # (1, w, C)
         return (rows + columns).flatten(0, 1)  # (h*w, C)
 
     def start_of_image(self, batch_size: int) -> torch.Tensor:

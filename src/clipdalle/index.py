@@ -1,0 +1,944 @@
+"""The embedding index: a collection embedded once by CLIP, then searched by text or image and moderated.
+
+    INDEX/info.json      the CLIP run (path relative to INDEX) and its weights' sha256, counts, index type, recall
+    INDEX/meta.sqlite    table `images`: id, key, path (or shard:member), caption, width, height, sha256, added,
+                         embedding (float16 bytes); one row per distinct image (same sha256 = stored once)
+    INDEX/faiss.index    inner-product search over the embeddings, keyed by the SQLite id
+    INDEX/chunks/        while building: rNNN-NNNNNN.npy float16 embeddings + .json metadata rows, one pair per
+                         `chunk_size` samples of a rank's stream; removed once merged
+
+Building is resumable: the sample stream is deterministic (no shuffling), so a chunk is a fixed range of
+batches, and a restarted build skips the chunks already on disk without decoding their images. Under torchrun
+each rank embeds its share into its own chunks and rank 0 merges. Up to `exact_limit` images the faiss index
+is exact (IndexFlatIP); above it an inverted file (IVF) whose codes (float32, 8-bit scalar or product
+quantised) are the largest that fit `memory_budget_mb`, with `nprobe` raised until recall@10 against exact
+search, measured on a sample of the stored vectors, reaches `target_recall`.
+
+    index = Index.open("INDEX")                      # loads the CLIP once; a server keeps this instance
+    index.search(text="a red circle", k=10)          # [{"id", "path", "caption", "score"}, ...]
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import WEIGHTS_FILE, atomic_write, write_json
+from .data.loader import SampleStream, make_loader
+from .data.sources import Record, open_source
+from .transforms import BadImage, decode_image, resize_crop, to_pil, to_tensor
+
+FORMAT_VERSION = 1
+INFO_FILE = "info.json"
+META_FILE = "meta.sqlite"
+FAISS_FILE = "faiss.index"
+CHUNKS_DIR = "chunks"
+CHUNK_SIZE = 16_384  # samples per chunk: at most this much work is redone after a kill (8 MB at 512-d float16)
+EXACT_LIMIT = 20_000  # exact search scans 20k x 512 float32 (40 MB) per query: about 2-4 ms on one core
+MEMORY_BUDGET_MB = 2048  # codes of the approximate index must fit this: 1M x 512-d float32 does not, 8-bit does
+TARGET_RECALL = 0.95  # nprobe is raised until recall@10 vs exact search reaches this on the sample
+RECALL_QUERIES = 500  # stored vectors used as queries to measure recall@10
+TRAINING_POINTS_PER_LIST = 64  # k-means sample per inverted list (faiss warns below 39)
+DEFAULT_THRESHOLD = 0.25  # cosine above which an image is flagged for a concept with no threshold given
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    caption TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    added TEXT NOT NULL,
+    embedding BLOB NOT NULL
+)
+"""
+_ROW_FIELDS = ("key", "path", "caption", "width", "height", "sha256")
+
+
+# ------------------------------------------------------------------------------------------ pure math
+
+
+def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
+    """Mean over queries of |found top-k ∩ true top-k| / |true top-k|; ids of -1 (no result) never match."""
+    if found_ids.shape[0] != true_ids.shape[0]:
+        raise ValueError(f"recall_at_k: {found_ids.shape[0]} result rows for {true_ids.shape[0]} true rows")
+    total = 0.0
+    for found, true in zip(found_ids[:, :k], true_ids[:, :k]):
+        true_set = {int(i) for i in true if i >= 0}
+        if not true_set:
+            total += 1.0
+            continue
+        total += len(true_set & {int(i) for i in found if i >= 0}) / len(true_set)
+    return total / max(1, found_ids.shape[0])
+
+
+def ivf_list_count(count: int) -> int:
+    """Inverted lists for `count` vectors: about 4 sqrt(N) (faiss's guideline), a power of two, and at least
+    39 training points per list so k-means is well posed."""
+    wanted = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
+    return int(max(1, min(wanted, count // 39)))
+
+
+def ivf_codec(embed_dim: int, count: int, memory_budget_mb: float) -> str:
+    """The most precise vector code whose total size (codes + 8-byte ids) fits the budget: float32 ("Flat"),
+    8-bit scalar ("SQ8") or product quantisation ("PQm" with m bytes per vector, m dividing embed_dim)."""
+    budget = memory_budget_mb * 2**20
+    for codec, code_bytes in (("Flat", 4 * embed_dim), ("SQ8", embed_dim)):
+        if count * (code_bytes + 8) <= budget:
+            return codec
+    for bytes_per_vector in (128, 64, 32, 16, 8):
+        if embed_dim % bytes_per_vector == 0 and count * (bytes_per_vector + 8) <= budget:
+            return f"PQ{bytes_per_vector}"
+    raise ValueError(
+        f"memory_budget_mb={memory_budget_mb} is too small for {count} vectors (even 8 bytes each need "
+        f"{count * 16 / 2**20:.0f} MB); raise it"
+    )
+
+
+def best_f1_threshold(scores: np.ndarray, positive: np.ndarray) -> tuple[float, float, float, float]:
+    """(threshold, precision, recall, f1) for flagging scores >= threshold, the threshold maximising F1 among
+    the positives' scores (ties: the higher threshold, fewer false alarms). No positives: (inf, 0, 0, 0)."""
+    if not positive.any():
+        return math.inf, 0.0, 0.0, 0.0
+    best = (math.inf, 0.0, 0.0, -1.0)
+    for threshold in sorted(set(scores[positive].tolist()), reverse=True):
+        flagged = scores >= threshold
+        true_positives = int((flagged & positive).sum())
+        precision = true_positives / int(flagged.sum())
+        recall = true_positives / int(positive.sum())
+        f1 = 2 * precision * recall / (precision + recall) if true_positives else 0.0
+        if f1 > best[3]:
+            best = (float(threshold), precision, recall, f1)
+    return best
+
+
+# ------------------------------------------------------------------------------------------ embedding stream
+
+
+class _IndexStream(SampleStream):
+    """SampleStream batches plus what the metadata needs: "paths", "widths", "heights", "sha256s"; captions
+    are all of a sample's captions joined by newlines. Unreadable images are skipped and counted."""
+
+    def _load(self, group: list[tuple[int, Record]]) -> dict:
+        batch: dict[str, Any] = {name: [] for name in ("keys", "captions", "paths", "widths", "heights", "sha256s")}
+        images, skipped = [], 0
+        for _, record in group:
+            try:
+                if record.error is not None:
+                    raise BadImage(record.error)
+                data = record.read_bytes()
+                image = decode_image(data, record.name)
+            except (BadImage, OSError):
+                skipped += 1
+                continue
+            images.append(to_tensor(resize_crop(image, self.image_size)))
+            batch["keys"].append(record.key)
+            batch["captions"].append("\n".join(record.captions))
+            batch["paths"].append(os.path.abspath(record.path) if record.path is not None else record.name)
+            batch["widths"].append(image.width)
+            batch["heights"].append(image.height)
+            batch["sha256s"].append(hashlib.sha256(data).hexdigest())
+        empty = torch.zeros(0, 3, self.image_size, self.image_size)
+        batch["images"] = torch.stack(images) if images else empty  # (B, 3, H, W)
+        batch["skipped"] = skipped
+        return batch
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Atomic np.save (through a file object: np.save would append .npy to the temporary name)."""
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def _chunk_name(prefix: str, rank: int, number: int) -> str:
+    return f"{prefix}r{rank:03d}-{number:06d}"
+
+
+def _completed_chunks(chunk_dir: Path, prefix: str, rank: int) -> int:
+    """Chunks 0 .. n-1 of this rank are complete (their .json, written after the .npy, exists)."""
+    number = 0
+    while (chunk_dir / f"{_chunk_name(prefix, rank, number)}.json").exists():
+        number += 1
+    return number
+
+
+def _write_chunk(chunk_dir: Path, name: str, features: np.ndarray, rows: list[dict], skipped: int) -> None:
+    """The .npy first, then the .json that marks the chunk complete; both atomic."""
+    _save_npy(chunk_dir / f"{name}.npy", features)
+    write_json(chunk_dir / f"{name}.json", {"rows": rows, "skipped": skipped})
+
+
+def _embed_to_chunks(
+    model: Any,
+    source: Any,
+    chunk_dir: Path,
+    prefix: str,
+    *,
+    batch_size: int,
+    chunk_size: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
+) -> None:
+    """Embeds this rank's share of `source` into chunk files, skipping the chunks already written."""
+    batches_per_chunk = max(1, chunk_size // batch_size)
+    number = _completed_chunks(chunk_dir, prefix, rank)
+    stream = _IndexStream(
+        source,
+        image_size=model.config.image_size,
+        batch_size=batch_size,
+        shuffle=False,
+        infinite=False,
+        start_batch=number * batches_per_chunk,
+        rank=rank,
+        world_size=world_size,
+    )
+    total = len(source) // world_size if hasattr(source, "__len__") else None
+    done = min(total or 0, number * batches_per_chunk * batch_size)
+    progress = tqdm(total=total, initial=done, unit="img", desc=f"embedding (rank {rank})", disable=None)
+    device = model.positional_embedding.device
+    features: list[np.ndarray] = []
+    rows: list[dict] = []
+    skipped, batches_in_chunk = 0, 0
+    for batch in make_loader(stream, num_workers):
+        if len(batch["keys"]) > 0:
+            with torch.no_grad():
+                features.append(model.encode_image(batch["images"].to(device)).float().cpu().numpy())
+        rows.extend(dict(zip(_ROW_FIELDS, values)) for values in zip(*(batch[f"{f}s"] for f in _ROW_FIELDS)))
+        skipped += batch["skipped"]
+        batches_in_chunk += 1
+        progress.update(len(batch["keys"]) + batch["skipped"])
+        if batches_in_chunk == batches_per_chunk:
+            _write_chunk(chunk_dir, _chunk_name(prefix, rank, number), _stack(features, model), rows, skipped)
+            features, rows, skipped, batches_in_chunk, number = [], [], 0, 0, number + 1
+    if batches_in_chunk > 0:
+        _write_chunk(chunk_dir, _chunk_name(prefix, rank, number), _stack(features, model), rows, skipped)
+    progress.close()
+    (chunk_dir / f"{prefix}r{rank:03d}.done").touch()
+
+
+def _stack(features: list[np.ndarray], model: Any) -> np.ndarray:
+    if not features:
+        return np.zeros((0, model.config.embed_dim), dtype=np.float16)
+    return np.concatenate(features).astype(np.float16)  # (N, D)
+
+
+def _chunk_files(chunk_dir: Path, prefix: str, world_size: int) -> list[Path]:
+    """The .json files of every rank's chunks in merge order (rank, then chunk); every rank must be done."""
+    for rank in range(world_size):
+        if not (chunk_dir / f"{prefix}r{rank:03d}.done").exists():
+            raise ValueError(
+                f"{chunk_dir}: rank {rank} of {world_size} has not finished embedding; rerun the same command "
+                f"(with torchrun --nproc-per-node {world_size} if it was started that way) to complete it"
+            )
+    return sorted(chunk_dir.glob(f"{prefix}r[0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9].json"))
+
+
+def _insert_chunks(connection: sqlite3.Connection, chunk_jsons: list[Path], added: str) -> tuple[list[int], dict]:
+    """Inserts the chunks' rows; an image whose sha256 is already stored is counted as a duplicate, not stored.
+    Returns the new ids and {"duplicates", "skipped"}."""
+    ids: list[int] = []
+    counts = {"duplicates": 0, "skipped": 0}
+    for chunk_json in chunk_jsons:
+        values = json.loads(chunk_json.read_text())
+        features = np.load(chunk_json.with_suffix(".npy"), allow_pickle=False)
+        counts["skipped"] += values["skipped"]
+        for row, feature in zip(values["rows"], features):
+            # Checked first rather than INSERT OR IGNORE, which would use up an id for every duplicate.
+            if connection.execute("SELECT 1 FROM images WHERE sha256 = ?", (row["sha256"],)).fetchone():
+                counts["duplicates"] += 1
+                continue
+            cursor = connection.execute(
+                "INSERT INTO images (key, path, caption, width, height, sha256, added, embedding) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*(row[name] for name in _ROW_FIELDS), added, feature.astype(np.float16).tobytes()),
+            )
+            ids.append(int(cursor.lastrowid))
+    return ids, counts
+
+
+# ------------------------------------------------------------------------------------------ faiss
+
+
+def _build_faiss(
+    embeddings: np.ndarray, ids: np.ndarray, *, exact_limit: int, memory_budget_mb: float, target_recall: float
+) -> tuple[Any, dict]:
+    """(faiss index over float32 unit vectors (N, D) keyed by `ids`, {"index_type", "nprobe", "recall_at_10",
+    "recall_queries"}). Exact up to `exact_limit` vectors, IVF above it with nprobe tuned to `target_recall`."""
+    import faiss
+
+    count, embed_dim = embeddings.shape
+    if count <= exact_limit:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(embed_dim))
+        index.add_with_ids(embeddings, ids)
+        return index, {"index_type": "Flat", "nprobe": None, "recall_at_10": 1.0, "recall_queries": 0}
+    lists = ivf_list_count(count)
+    description = f"IVF{lists},{ivf_codec(embed_dim, count, memory_budget_mb)}"
+    index = faiss.index_factory(embed_dim, description, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    # 64 points per list: k-means centroids are stable well before faiss's 256, at a quarter of the cost
+    training = embeddings[np.sort(rng.choice(count, size=min(count, TRAINING_POINTS_PER_LIST * lists), replace=False))]
+    index.train(training)
+    index.add_with_ids(embeddings, ids)
+    queries = embeddings[np.sort(rng.choice(count, size=min(count, RECALL_QUERIES), replace=False))]
+    _, true_ids = faiss.knn(queries, embeddings, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    true_ids = ids[true_ids]  # rows -> ids
+    nprobe, recall = 1, 0.0
+    while True:
+        index.nprobe = nprobe
+        _, found = index.search(queries, 10)
+        recall = recall_at_k(found, true_ids, 10)
+        if recall >= target_recall or nprobe >= lists:
+            break
+        nprobe = min(lists, nprobe * 2)
+    details = {"index_type": description, "nprobe": nprobe, "recall_at_10": recall, "recall_queries": len(queries)}
+    return index, details
+
+
+def _write_faiss(path: Path, index: Any) -> None:
+    import faiss
+
+    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+
+
+def _read_embeddings(connection: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,) int64, embeddings (N, D) float32) of every stored image, by id."""
+    rows = connection.execute("SELECT id, embedding FROM images ORDER BY id").fetchall()
+    ids = np.array([row[0] for row in rows], dtype=np.int64)
+    if not rows:
+        return ids, np.zeros((0, 0), dtype=np.float32)
+    embeddings = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float16).reshape(len(rows), -1)  # (N, D)
+    return ids, embeddings.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def model_sha256(clip_run: str | Path) -> str:
+    """sha256 of a CLIP's weights: RUN/model.safetensors for a run directory, else the weights file itself."""
+    path = Path(clip_run)
+    if path.is_dir():
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            candidates = sorted(file for file in path.iterdir() if file.suffix in (".safetensors", ".bin", ".pt"))
+            if not candidates:
+                raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} (nor .safetensors/.bin/.pt weights) in it")
+            weights = candidates[0]
+    elif path.is_file():
+        weights = path
+    else:
+        raise FileNotFoundError(f"{path}: no such CLIP run or weights file")
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_clip(clip_run: str | Path, device: str) -> tuple[Any, Any]:
+    from .clip import load
+
+    model, _, tokenizer = load(clip_run, device=device)
+    return model, tokenizer
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_plan(chunk_dir: Path, plan: dict) -> None:
+    """A partial build continues only with the same data, model, batch and chunk sizes and process count."""
+    plan_path = chunk_dir / "plan.json"
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        changed = [name for name in plan if previous.get(name) != plan[name]]
+        if changed:
+            details = ", ".join(f"{name}: was {previous.get(name)!r}, now {plan[name]!r}" for name in changed)
+            raise ValueError(
+                f"{chunk_dir}: a partial build with other settings ({details}); rerun with the same settings "
+                f"or delete {chunk_dir} to start over"
+            )
+    else:
+        write_json(plan_path, plan)
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def build_index(
+    clip_run: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 1,
+    device: str = "cpu",
+    chunk_size: int = CHUNK_SIZE,
+    exact_limit: int = EXACT_LIMIT,
+    memory_budget_mb: float = MEMORY_BUDGET_MB,
+    target_recall: float = TARGET_RECALL,
+) -> dict:
+    """Embeds every image of `data` (any dataset format, captions optional) with the CLIP at `clip_run` into a
+    new index at `out`, and returns its `index_info`. Resumes a killed build; under torchrun every rank embeds
+    its share and rank 0 merges (other ranks return {})."""
+    from .train import barrier, distributed_context, init_distributed
+
+    out = Path(out)
+    if (out / INFO_FILE).exists():
+        raise ValueError(f"{out}: already holds an index; use add_to_index to append, or choose a new --out")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be at least 1, got {batch_size} and {chunk_size}")
+    rank, world_size, _ = distributed_context()
+    init_distributed(torch.device(device))
+    source = open_source(data, captions="optional")
+    clip_sha256 = model_sha256(clip_run)
+    model, _ = _load_clip(clip_run, device)
+    chunk_dir = out / CHUNKS_DIR
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    plan = {
+        "data": os.path.abspath(data),
+        "clip_sha256": clip_sha256,
+        "batch_size": batch_size,
+        "chunk_size": chunk_size,
+        "world_size": world_size,
+        "num_workers": num_workers,  # loader workers interleave records: another count cuts other chunks
+    }
+    _check_plan(chunk_dir, plan)
+    _embed_to_chunks(
+        model,
+        source,
+        chunk_dir,
+        "",
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+    )
+    barrier()
+    if rank != 0:
+        return {}
+    chunk_jsons = _chunk_files(chunk_dir, "", world_size)
+    temporary = out / f".{META_FILE}.tmp"
+    temporary.unlink(missing_ok=True)
+    connection = sqlite3.connect(temporary)
+    connection.execute(_SCHEMA)
+    _, counts = _insert_chunks(connection, chunk_jsons, _now())
+    connection.commit()
+    ids, embeddings = _read_embeddings(connection)
+    connection.close()
+    if len(ids) == 0:
+        temporary.unlink()
+        raise ValueError(f"{data}: no image could be embedded ({counts['skipped']} unreadable); nothing to index")
+    os.replace(temporary, out / META_FILE)
+    faiss_index, details = _build_faiss(
+        embeddings, ids, exact_limit=exact_limit, memory_budget_mb=memory_budget_mb, target_recall=target_recall
+    )
+    _write_faiss(out / FAISS_FILE, faiss_index)
+    info = {
+        "clipdalle_index": {"format_version": FORMAT_VERSION},
+        "clip_run": os.path.relpath(os.path.abspath(clip_run), os.path.abspath(out)),
+        "clip_sha256": clip_sha256,
+        "embed_dim": int(embeddings.shape[1]),
+        "data": [os.path.abspath(data)],
+        "count": len(ids),
+        "duplicates": counts["duplicates"],
+        "skipped": counts["skipped"],
+        **details,
+        "exact_limit": exact_limit,
+        "memory_budget_mb": memory_budget_mb,
+        "target_recall": target_recall,
+        "created": _now(),
+        "updated": _now(),
+    }
+    write_json(out / INFO_FILE, info)
+    shutil.rmtree(chunk_dir)
+    return index_info(out)
+
+
+# ------------------------------------------------------------------------------------------ the index
+
+
+def _read_info(path: Path) -> dict:
+    info_path = path / INFO_FILE
+    if not info_path.is_file():
+        if (path / CHUNKS_DIR).is_dir():
+            raise FileNotFoundError(f"{info_path}: not found; the build of {path} did not finish, rerun it to resume")
+        raise FileNotFoundError(f"{info_path}: not found; {path} is not an index (build one with build_index)")
+    info = json.loads(info_path.read_text())
+    if "clipdalle_index" not in info:
+        raise ValueError(f"{info_path}: not a clipdalle index info file (no 'clipdalle_index' header)")
+    return info
+
+
+class Index:
+    """An open index: the CLIP that built it, the faiss index and the SQLite metadata, loaded once. Searches
+    are serialised by a lock, so one instance can serve many threads."""
+
+    def __init__(self, path: Path, info: dict, model: Any, tokenizer: Any, faiss_index: Any, connection: Any):
+        self.path = path  # the index directory
+        self.info = info  # contents of info.json
+        self.model = model  # the CLIP in eval mode
+        self.tokenizer = tokenizer  # the CLIP's tokenizer: tokenizer(texts, context_length) -> (N, T) ids
+        self.faiss_index = faiss_index
+        self.connection = connection  # sqlite3 connection to meta.sqlite
+        self.lock = threading.RLock()
+
+    @classmethod
+    def open(cls, path: str | Path, *, clip: str | Path | None = None, device: str = "cpu") -> Index:
+        """Opens the index at `path` with the CLIP it was built with (or `clip`, which must have the same
+        weights). A faiss index out of step with the metadata (a kill between the two writes) is rebuilt."""
+        import faiss
+
+        path = Path(path)
+        info = _read_info(path)
+        recorded = (path / info["clip_run"]).resolve()
+        clip_run = Path(clip) if clip is not None else recorded
+        if clip is None and not recorded.exists():
+            raise FileNotFoundError(f"{recorded}: the CLIP run {path} was built with is missing; pass clip=RUN")
+        sha256 = model_sha256(clip_run)
+        if sha256 != info["clip_sha256"]:
+            raise ValueError(
+                f"{clip_run}: CLIP weights (sha256 {sha256[:12]}) differ from the ones {path} was built with "
+                f"({recorded}, sha256 {info['clip_sha256'][:12]}); query with that model or rebuild the index"
+            )
+        model, tokenizer = _load_clip(clip_run, device)
+        connection = sqlite3.connect(path / META_FILE, check_same_thread=False)
+        faiss_index = faiss.read_index(str(path / FAISS_FILE)) if (path / FAISS_FILE).is_file() else None
+        index = cls(path, info, model, tokenizer, faiss_index, connection)
+        if faiss_index is None or faiss_index.ntotal != len(index):
+            index.rebuild_faiss()
+        else:
+            index._set_nprobe()
+        return index
+
+    def __len__(self) -> int:
+        return int(self.connection.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def _set_nprobe(self) -> None:
+        if self.info.get("nprobe"):
+            self.faiss_index.nprobe = int(self.info["nprobe"])
+
+    def rebuild_faiss(self) -> None:
+        """Rebuilds the faiss index from the stored embeddings (exact or IVF by the current count)."""
+        with self.lock:
+            ids, embeddings = _read_embeddings(self.connection)
+            if len(ids) == 0:
+                raise ValueError(f"{self.path}: the index holds no images")
+            self.faiss_index, details = _build_faiss(
+                embeddings,
+                ids,
+                exact_limit=self.info["exact_limit"],
+                memory_budget_mb=self.info["memory_budget_mb"],
+                target_recall=self.info["target_recall"],
+            )
+            self.info.update(details)
+            self._set_nprobe()
+            _write_faiss(self.path / FAISS_FILE, self.faiss_index)
+            self._save_info(details)
+
+    def _save_info(self, updates: dict) -> None:
+        self.info.update(updates, count=len(self), updated=_now())
+        write_json(self.path / INFO_FILE, self.info)
+
+    # -------------------------------------------------------------------------------------- queries
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """Texts -> unit-norm CLIP features (N, D) float32."""
+        device = self.model.positional_embedding.device
+        tokens = self.tokenizer(list(texts), self.model.config.context_length).to(device)
+        with torch.no_grad():
+            return self.model.encode_text(tokens).float().cpu().numpy()
+
+    def encode_images(self, images: Iterable[Any]) -> np.ndarray:
+        """Images (paths, encoded bytes, PIL images or (3, H, W) tensors in [0, 1]) -> unit-norm features (N, D).
+        Unreadable bytes raise BadImage (a ValueError) naming the image."""
+        size = self.model.config.image_size
+        tensors = []
+        for number, image in enumerate(images):
+            if isinstance(image, torch.Tensor):
+                if image.dim() != 3 or image.shape[0] != 3:
+                    raise ValueError(f"image {number}: expected a (3, H, W) tensor, got {tuple(image.shape)}")
+                image = to_pil(image)
+            elif isinstance(image, (bytes, bytearray, str, Path)):
+                image = decode_image(bytes(image) if isinstance(image, bytearray) else image, f"query image {number}")
+            elif not hasattr(image, "convert"):
+                raise ValueError(f"image {number}: expected a path, bytes, a PIL image or a tensor, got {type(image)}")
+            tensors.append(to_tensor(resize_crop(image.convert("RGB"), size)))
+        if not tensors:
+            raise ValueError("encode_images: got no images")
+        device = self.model.positional_embedding.device
+        with torch.no_grad():
+            return self.model.encode_image(torch.stack(tensors).to(device)).float().cpu().numpy()  # (N, D)
+
+    def search(
+        self, text: str | None = None, image: Any = None, k: int = 20, min_score: float | None = None
+    ) -> list[dict]:
+        """The k stored images nearest to a text or an image (exactly one of them), best first, as
+        {"id", "path", "caption", "score" (cosine)}; results below `min_score` are dropped."""
+        if (text is None) == (image is None):
+            raise ValueError("search: give exactly one of text= or image=")
+        if text is not None and not text.strip():
+            raise ValueError("search: text is empty; expected a description such as 'a red circle'")
+        features = self.encode_text([text]) if text is not None else self.encode_images([image])
+        return self.search_features(features, k=k, min_score=min_score)[0]
+
+    def similar(self, image_id: int, k: int = 20, min_score: float | None = None) -> list[dict]:
+        """The k stored images nearest to stored image `image_id` (itself first)."""
+        row = self.connection.execute("SELECT embedding FROM images WHERE id = ?", (int(image_id),)).fetchone()
+        if row is None:
+            raise ValueError(f"{self.path}: no image with id {image_id}")
+        features = np.frombuffer(row[0], dtype=np.float16).astype(np.float32)[None]  # (1, D)
+        return self.search_features(features, k=k, min_score=min_score)[0]
+
+    def search_features(self, features: np.ndarray, k: int = 20, min_score: float | None = None) -> list[list[dict]]:
+        """One result list per row of unit-norm query features (Q, D) float32; see `search`."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.info["embed_dim"]:
+            raise ValueError(f"expected query features (Q, {self.info['embed_dim']}), got {features.shape}")
+        with self.lock:
+            scores, ids = self.faiss_index.search(features, min(k, max(1, self.faiss_index.ntotal)))
+            rows = self.rows(int(i) for i in ids.ravel() if i >= 0)
+        results = []
+        for query_scores, query_ids in zip(scores, ids):
+            hits = []
+            for score, image_id in zip(query_scores.tolist(), query_ids.tolist()):
+                if image_id < 0 or image_id not in rows or (min_score is not None and score < min_score):
+                    continue
+                row = rows[image_id]
+                hits.append({"id": image_id, "path": row["path"], "caption": row["caption"], "score": score})
+            results.append(hits)
+        return results
+
+    def rows(self, ids: Iterable[int]) -> dict[int, dict]:
+        """Metadata {id: {"id", "key", "path", "caption", "width", "height", "sha256", "added"}} of the given ids
+        (unknown ids are left out)."""
+        wanted = sorted(set(ids))
+        found: dict[int, dict] = {}
+        columns = ("id", "key", "path", "caption", "width", "height", "sha256", "added")
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            query = f"SELECT {', '.join(columns)} FROM images WHERE id IN ({marks})"
+            for values in self.connection.execute(query, part):
+                found[values[0]] = dict(zip(columns, values))
+        return found
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,) int64, unit-norm embeddings (N, D) float32) of every stored image, by id."""
+        with self.lock:
+            return _read_embeddings(self.connection)
+
+    # -------------------------------------------------------------------------------------- changes
+
+    def add(self, data: str | Path, *, batch_size: int = 256, num_workers: int = 1) -> dict:
+        """Embeds `data` and appends its images (duplicates of stored images are skipped) without rebuilding:
+        new vectors go into the existing faiss index, which is rebuilt only when it outgrows exact search.
+        Resumable like a build. Returns {"added", "duplicates", "skipped"}."""
+        source = open_source(data, captions="optional")
+        chunk_dir = self.path / CHUNKS_DIR
+        chunk_dir.mkdir(exist_ok=True)
+        prefix = "add-" + hashlib.sha256(os.path.abspath(data).encode()).hexdigest()[:12] + "-"
+        _embed_to_chunks(
+            self.model,
+            source,
+            chunk_dir,
+            prefix,
+            batch_size=batch_size,
+            chunk_size=CHUNK_SIZE,
+            num_workers=num_workers,
+            rank=0,
+            world_size=1,
+        )
+        with self.lock:
+            with self.connection:  # one transaction: all rows or none
+                new_ids, counts = _insert_chunks(self.connection, _chunk_files(chunk_dir, prefix, 1), _now())
+            if new_ids:
+                marks = ",".join("?" * len(new_ids))
+                blobs = self.connection.execute(
+                    f"SELECT embedding FROM images WHERE id IN ({marks}) ORDER BY id", new_ids
+                ).fetchall()
+                vectors = np.frombuffer(b"".join(blob for (blob,) in blobs), dtype=np.float16)
+                vectors = vectors.reshape(len(new_ids), -1)  # (N, D)
+                if self.info["nprobe"] is None and len(self) > self.info["exact_limit"]:
+                    self.rebuild_faiss()
+                else:
+                    self.faiss_index.add_with_ids(vectors.astype(np.float32), np.array(sorted(new_ids), np.int64))
+                    _write_faiss(self.path / FAISS_FILE, self.faiss_index)
+            self._save_info(
+                {
+                    "data": [*self.info["data"], os.path.abspath(data)],
+                    "duplicates": self.info["duplicates"] + counts["duplicates"],
+                    "skipped": self.info["skipped"] + counts["skipped"],
+                }
+            )
+        for chunk in chunk_dir.glob(f"{prefix}*"):
+            chunk.unlink()
+        if not any(chunk_dir.iterdir()):
+            chunk_dir.rmdir()
+        return {"added": len(new_ids), **counts}
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Drops the given image ids from the metadata and the faiss index; an unknown id is a ValueError
+        (nothing is removed then). Returns how many were removed."""
+        ids = sorted({int(i) for i in ids})
+        with self.lock:
+            unknown = sorted(set(ids) - set(self.rows(ids)))
+            if unknown:
+                shown = ", ".join(str(i) for i in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+                raise ValueError(f"{self.path}: no images with ids {shown}; see `index info` or a search for ids")
+            with self.connection:
+                self.connection.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+            self.faiss_index.remove_ids(np.array(ids, dtype=np.int64))
+            _write_faiss(self.path / FAISS_FILE, self.faiss_index)
+            self._save_info({})
+        return len(ids)
+
+    # -------------------------------------------------------------------------------------- reports
+
+    def describe(self) -> dict:
+        """Counts, model, index type and measured recall (info.json with the live count)."""
+        info = dict(self.info)
+        info["count"] = len(self)
+        info["path"] = str(self.path)
+        return info
+
+    def export(self, out: str | Path) -> dict:
+        """Writes OUT/embeddings.npy (N, D) float16 and OUT/metadata.jsonl (row i describes embedding i)."""
+        out = Path(out)
+        with self.lock:
+            ids, embeddings = _read_embeddings(self.connection)
+            rows = self.rows(ids.tolist())
+        _save_npy(out / "embeddings.npy", embeddings.astype(np.float16))
+        lines = "".join(json.dumps(rows[int(i)], ensure_ascii=False) + "\n" for i in ids)
+        atomic_write(out / "metadata.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+        return {"embeddings": str(out / "embeddings.npy"), "metadata": str(out / "metadata.jsonl"), "count": len(ids)}
+
+    def moderate(self, concepts_file: str | Path, calibrate: str | Path | None = None) -> dict:
+        """Flags stored images whose cosine similarity to a concept reaches its threshold; see `moderate`."""
+        concepts = read_concepts(concepts_file)
+        names = [name for name, _ in concepts]
+        concept_features = self.encode_text(names)  # (C, D)
+        ids, embeddings = self.embeddings()
+        scores = embeddings @ concept_features.T  # (N, C)
+        calibration: dict[str, dict] = {}
+        if calibrate is not None:
+            calibration = self._calibrate(calibrate, names, ids, scores)
+        report_concepts = []
+        thresholds = []
+        for column, (name, threshold) in enumerate(concepts):
+            if threshold is not None:
+                origin = "file"
+            elif name in calibration and math.isfinite(calibration[name]["threshold"]):
+                threshold, origin = calibration[name]["threshold"], "calibrated"
+            else:
+                threshold, origin = DEFAULT_THRESHOLD, "default"
+            thresholds.append(threshold)
+            entry = {"concept": name, "threshold": threshold, "threshold_from": origin}
+            entry["flagged"] = int((scores[:, column] >= threshold).sum())
+            if name in calibration:
+                entry.update({key: value for key, value in calibration[name].items() if key != "threshold"})
+            report_concepts.append(entry)
+        flagged_mask = scores >= np.array(thresholds, dtype=np.float32)[None, :]  # (N, C)
+        flagged_rows = np.flatnonzero(flagged_mask.any(axis=1))
+        metadata = self.rows(ids[flagged_rows].tolist())
+        flagged = []
+        for row in flagged_rows:
+            hits = [
+                {"concept": names[column], "score": float(scores[row, column])}
+                for column in np.flatnonzero(flagged_mask[row])
+            ]
+            hits.sort(key=lambda hit: -hit["score"])
+            meta = metadata[int(ids[row])]
+            flagged.append({"id": int(ids[row]), "path": meta["path"], "caption": meta["caption"], "concepts": hits})
+        return {"images": len(ids), "concepts": report_concepts, "flagged": flagged}
+
+    def _calibrate(self, labels_file: str | Path, names: list[str], ids: np.ndarray, scores: np.ndarray) -> dict:
+        """Per concept: the F1-maximising threshold on the labelled images, with precision/recall/F1 there."""
+        labels = read_labels(labels_file)
+        lookup: dict[str, int] = {}
+        rows = self.rows(ids.tolist())
+        for image_id, row in rows.items():
+            for name in (str(image_id), row["key"], row["path"], os.path.basename(row["path"])):
+                lookup.setdefault(name, image_id)
+        position = {int(image_id): row for row, image_id in enumerate(ids.tolist())}
+        labelled: dict[int, set[str]] = {}
+        for line, image, concept in labels:
+            image_id = lookup.get(image)
+            if image_id is None:  # a file on disk: found by content, so a duplicate's other copy matches too
+                image_id = self._id_of_file(image, Path(labels_file).parent)
+            if image_id is None:
+                raise ValueError(
+                    f"{labels_file}:{line}: image {image!r} is not in the index (give its id, key, path or file name)"
+                )
+            if concept != "none" and concept not in names:
+                raise ValueError(f"{labels_file}:{line}: concept {concept!r} is not in the concepts file ({names})")
+            labelled.setdefault(image_id, set())
+            if concept != "none":
+                labelled[image_id].add(concept)
+        labelled_rows = np.array([position[i] for i in labelled], dtype=np.int64)
+        results = {}
+        for column, name in enumerate(names):
+            positive = np.array([name in concepts for concepts in labelled.values()], dtype=bool)
+            threshold, precision, recall, f1 = best_f1_threshold(scores[labelled_rows, column], positive)
+            results[name] = {
+                "threshold": threshold,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "positives": int(positive.sum()),
+                "labelled": len(labelled),
+            }
+        return results
+
+    def _id_of_file(self, name: str, base: Path) -> int | None:
+        for candidate in (Path(name), base / name):
+            if candidate.is_file():
+                sha256 = hashlib.sha256(candidate.read_bytes()).hexdigest()
+                row = self.connection.execute("SELECT id FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+                return None if row is None else int(row[0])
+        return None
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def read_concepts(path: str | Path) -> list[tuple[str, float | None]]:
+    """[(concept, threshold or None)] from lines `concept<TAB>threshold` (threshold optional; blank lines and
+    lines starting with # are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: concepts file not found")
+    concepts: list[tuple[str, float | None]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split("\t")
+        name = parts[0].strip()
+        if not name or len(parts) > 2:
+            raise ValueError(f"{path}:{number}: expected 'concept' or 'concept<TAB>threshold', got {line!r}")
+        threshold = None
+        if len(parts) == 2 and parts[1].strip():
+            try:
+                threshold = float(parts[1])
+            except ValueError:
+                raise ValueError(f"{path}:{number}: threshold {parts[1].strip()!r} is not a number") from None
+            if not -1.0 <= threshold <= 1.0:
+                raise ValueError(f"{path}:{number}: threshold {threshold} is not a cosine in [-1, 1]")
+        concepts.append((name, threshold))
+    if not concepts:
+        raise ValueError(f"{path}: no concepts; expected one 'concept<TAB>threshold' per line")
+    return concepts
+
+
+def read_labels(path: str | Path) -> list[tuple[int, str, str]]:
+    """[(line number, image, concept)] from a CSV with columns `image,concept` (concept `none` = clean)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: labels file not found")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"image", "concept"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected a header with columns 'image,concept', got {reader.fieldnames}")
+        labels = [
+            (number, row["image"].strip(), (row["concept"] or "").strip()) for number, row in enumerate(reader, start=2)
+        ]
+    if not labels:
+        raise ValueError(f"{path}: no labelled images")
+    return labels
+
+
+# ------------------------------------------------------------------------------------------ CLI functions
+
+
+def _with_index(index: str | Path | Index, call: Any, device: str = "cpu") -> Any:
+    """Calls `call(Index)` with an open Index (opened and closed here when given a path)."""
+    owned = not isinstance(index, Index)
+    opened = Index.open(index, device=device) if owned else index
+    try:
+        return call(opened)
+    finally:
+        if owned:
+            opened.close()
+
+
+def add_to_index(
+    index: str | Path | Index, data: str | Path, *, batch_size: int = 256, num_workers: int = 1, device: str = "cpu"
+) -> dict:
+    """Appends the images of `data` to the index; {"added", "duplicates", "skipped"}."""
+    return _with_index(index, lambda opened: opened.add(data, batch_size=batch_size, num_workers=num_workers), device)
+
+
+def remove_from_index(index: str | Path | Index, ids: Iterable[int]) -> int:
+    """Removes images by id; returns how many."""
+    return _with_index(index, lambda opened: opened.remove(ids))
+
+
+def index_info(index: str | Path | Index) -> dict:
+    """Counts, CLIP run and weights hash, index type, nprobe and recall@10, without loading the CLIP."""
+    if isinstance(index, Index):
+        return index.describe()
+    path = Path(index)
+    info = _read_info(path)
+    with sqlite3.connect(path / META_FILE) as connection:
+        info["count"] = int(connection.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+    connection.close()
+    info["path"] = str(path)
+    return info
+
+
+def export_index(index: str | Path | Index, out: str | Path) -> dict:
+    """Writes OUT/embeddings.npy and OUT/metadata.jsonl; returns their paths and the count."""
+    return _with_index(index, lambda opened: opened.export(out))
+
+
+def search(
+    index: str | Path | Index,
+    text: str | None = None,
+    image: Any = None,
+    k: int = 20,
+    min_score: float | None = None,
+    device: str = "cpu",
+) -> list[dict]:
+    """Text->image or image->image search; a list of {"id", "path", "caption", "score"}, best first."""
+    return _with_index(index, lambda opened: opened.search(text=text, image=image, k=k, min_score=min_score), device)
+
+
+def moderate(
+    index: str | Path | Index, concepts_file: str | Path, calibrate: str | Path | None = None, device: str = "cpu"
+) -> dict:
+    """Flags images by concept. Returns {"images": N, "concepts": [{"concept", "threshold", "threshold_from"
+    ("file" | "calibrated" | "default"), "flagged", and with calibration "precision", "recall", "f1",
+    "positives", "labelled"}], "flagged": [{"id", "path", "caption", "concepts": [{"concept", "score"}]}]}."""
+    return _with_index(index, lambda opened: opened.moderate(concepts_file, calibrate), device)
