@@ -142,3 +142,20 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(x), model(x))  # eval: deterministic
     model.train()
     assert not torch.allclose(model(x), model(x))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_forward_at_equals_the_full_forward_read_at_those_positions(is_causal, checkpointing):
+    torch.manual_seed(0)
+    transformer = Transformer(16, 2, 2, grad_checkpointing=checkpointing).train()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    positions = torch.tensor([0, 6, 3])
+    full = transformer(x, is_causal=is_causal)[torch.arange(3), positions]  # (B, C)
+    (full_grad,) = torch.autograd.grad(full.square().sum(), x)
+    at = transformer.forward_at(x, positions, is_causal=is_causal)
+    (at_grad,) = torch.autograd.grad(at.square().sum(), x)
+    torch.testing.assert_close(at, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(at_grad, full_grad, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one position per row"):
+        transformer.forward_at(x, positions[:2])
