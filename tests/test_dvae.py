@@ -174,7 +174,7 @@ def test_bad_inputs_are_clear_errors():
     [
         ({"image_size": 20, "n_downsample": 3}, "image_size"),
         ({"quantizer": "kmeans"}, "quantizer"),
-        ({"recon_loss": "l1"}, "recon_loss"),
+        ({"recon_loss": "l2"}, "recon_loss"),
         ({"n_hidden": 0}, "n_hidden"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"temperature_end": 2.0}, "temperature_end"),
@@ -252,7 +252,7 @@ def test_logit_laplace_nll_is_the_density():
 # ------------------------------------------------------------------------------------------ learning
 
 
-@pytest.mark.parametrize("quantizer, recon_loss", [("vq", "mse"), ("gumbel", "mse"), ("vq", "laplace")])
+@pytest.mark.parametrize("quantizer, recon_loss", [("vq", "mse"), ("gumbel", "mse"), ("vq", "l1"), ("vq", "laplace")])
 def test_tiny_model_overfits_four_shapes(quantizer, recon_loss):
     torch.manual_seed(0)
     config = tiny(quantizer=quantizer, recon_loss=recon_loss, n_hidden=32, foreground_weight=2.0, kl_weight=0.003)

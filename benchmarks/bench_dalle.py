@@ -1,0 +1,284 @@
+"""DALL·E transformer speed: clipdalle's DALLE against DALLE-pytorch 1.6.6's, side by side in one process.
+
+Identical configuration: captions of 32 tokens from a 1,000-token vocabulary, 8x8 codes from a 512-code dVAE
+(32 px, 2 downsamplings, hidden 64, codebook dim 256; random weights: speed does not depend on them), width
+256, depth 4, 8 heads of 32, fp32, 2 threads. DALLE-pytorch runs as shipped (its defaults: rotary positions,
+token shift, GEGLU feed-forward, one joint output layer over text + image ids).
+
+- Training: sequences/s of forward + backward + Adam step through each library's loss (ours
+  `clipdalle.dalle.loss_fn`, theirs `dalle(text, codes, return_loss=True)`), batch 32, with attention `full`
+  and with the cycle `full,row,col,conv` (theirs: full, axial_row, axial_col, conv_like).
+- Our training FLOP/s, counted as 6 x non-embedding parameters x positions per sequence (96), as a fraction
+  of the fp32 matmul rate measured in the same run.
+- Generation: images/s of text -> codes -> dVAE decode at batch 8 and 64, temperature 1, no filtering (theirs:
+  `generate_images(text, filter_thres=0.5)`, whose top half of 1,512 text + image logits keeps every image
+  code). "theirs as shipped" passes use_cache=True, which `forward_with_cond_scale` drops when cond_scale is 1;
+  "theirs, cache fixed" binds a copy of that method that passes the cache through (their package unchanged).
+
+Ours and theirs alternate (A B A B ...) after a warmup and the table shows the median of the per-round ratios,
+because this machine's speed drifts by tens of percent within minutes. Needs the reference venv (see
+/work/shared/bench/README.md); not a test, not run in CI:
+
+    bash ../shared/bench/reference-env.sh .venv-ref && .venv-ref/bin/pip install --no-deps -e .
+    .venv-ref/bin/python benchmarks/bench_dalle.py                  # or --part train / --part generate
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import types
+import warnings
+
+import torch
+
+from clipdalle.dalle import DALLE, DALLEConfig, loss_fn
+from clipdalle.dvae import DiscreteVAE, DVAEConfig
+from clipdalle.sampling import sample_codes
+
+TEXT_LENGTH, TEXT_VOCAB, IMAGE_VOCAB, IMAGE_SIZE, LAYERS = 32, 1000, 512, 32, 2
+WIDTH, DEPTH, HEADS, HEAD_SIZE = 256, 4, 8, 32
+POSITIONS = TEXT_LENGTH + (IMAGE_SIZE // 2**LAYERS) ** 2  # 96 positions per training sequence, both models
+PATTERNS = {  # setting -> (our attn, their attn_types)
+    "full": (["full"], ("full",)),
+    "mixed": (["full", "row", "col", "conv"], ("full", "axial_row", "axial_col", "conv_like")),
+}
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """Median fp32 GFLOP/s of a size x size matmul: the machine's speed at the moment of the run."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def reference_modules():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from dalle_pytorch import DALLE as ReferenceDALLE
+        from dalle_pytorch import DiscreteVAE as ReferenceVAE
+    return ReferenceDALLE, ReferenceVAE
+
+
+def their_dalle(attn_types: tuple[str, ...]) -> torch.nn.Module:
+    ReferenceDALLE, ReferenceVAE = reference_modules()
+    vae = ReferenceVAE(
+        image_size=IMAGE_SIZE, num_layers=LAYERS, num_tokens=IMAGE_VOCAB, codebook_dim=256, hidden_dim=64
+    )
+    return ReferenceDALLE(
+        dim=WIDTH,
+        vae=vae,
+        num_text_tokens=TEXT_VOCAB,
+        text_seq_len=TEXT_LENGTH,
+        depth=DEPTH,
+        heads=HEADS,
+        dim_head=HEAD_SIZE,
+        attn_types=attn_types,
+    )
+
+
+def our_models(attn: list[str]) -> tuple[DALLE, DiscreteVAE]:
+    vae = DiscreteVAE(DVAEConfig(image_size=IMAGE_SIZE, n_downsample=LAYERS, vocab_size=IMAGE_VOCAB, n_embd=256))
+    config = DALLEConfig(
+        text_length=TEXT_LENGTH,
+        text_vocab_size=TEXT_VOCAB,
+        image_vocab_size=IMAGE_VOCAB,
+        grid_size=IMAGE_SIZE // 2**LAYERS,
+        n_layer=DEPTH,
+        n_head=HEADS,
+        n_embd=WIDTH,
+        attn=attn,
+    )
+    return DALLE(config), vae.eval()
+
+
+def non_embedding_parameters(model: torch.nn.Module) -> int:
+    """Parameters that take part in matmuls: everything but embedding tables, position tables and the dVAE."""
+    total = 0
+    for name, parameter in model.named_parameters():
+        if name.startswith("vae.") or "emb" in name:  # ours: *_embedding; theirs: text_emb, image_emb
+            continue
+        total += parameter.numel()
+    return total
+
+
+def random_batch(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    text = torch.randint(3, TEXT_VOCAB, (batch_size, TEXT_LENGTH), generator=generator)
+    lengths = torch.randint(6, TEXT_LENGTH, (batch_size, 1), generator=generator)
+    text = text.masked_fill(torch.arange(TEXT_LENGTH)[None] >= lengths, 0)  # padded captions, as in real data
+    codes = torch.randint(0, IMAGE_VOCAB, (batch_size, POSITIONS - TEXT_LENGTH), generator=generator)
+    return text, codes
+
+
+def training_steps(batch_size: int) -> dict[str, dict[str, callable]]:
+    """setting -> contestant -> a closure doing one optimizer step on a fixed random batch."""
+    text, codes = random_batch(batch_size, torch.Generator().manual_seed(0))
+    batch = {"text": text, "codes": codes}
+    steps: dict[str, dict] = {}
+    for setting, (ours_attn, their_attn) in PATTERNS.items():
+        ours, _ = our_models(ours_attn)
+        theirs = their_dalle(their_attn)
+        steps[setting] = {}
+        for name, model in (("ours", ours), ("theirs", theirs)):
+            model.train()
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+            def step(model=model, optimizer=optimizer, name=name):
+                if name == "ours":
+                    loss, _ = loss_fn(model, batch, 0.5)
+                else:
+                    loss = model(text.clone(), codes, return_loss=True)  # it edits text in place
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            steps[setting][name] = {"call": step, "model": model}
+    return steps
+
+
+def fixed_cond_scale(self, *args, cond_scale=1, cache=None, **kwargs):
+    """DALLE-pytorch's forward_with_cond_scale with the cache passed through at cond_scale 1."""
+    if cond_scale == 1:
+        return self(*args, cache=cache, **kwargs)
+    return type(self).forward_with_cond_scale(self, *args, cond_scale=cond_scale, cache=cache, **kwargs)
+
+
+def generation_calls(batch_size: int) -> dict[str, callable]:
+    """contestant -> a closure generating `batch_size` images from fixed random captions (full attention)."""
+    text, _ = random_batch(batch_size, torch.Generator().manual_seed(1))
+    ours, vae = our_models(["full"])
+    ours.eval()
+    shipped = their_dalle(("full",)).eval()
+    fixed = their_dalle(("full",)).eval()
+    fixed.forward_with_cond_scale = types.MethodType(fixed_cond_scale, fixed)
+    seeds = list(range(batch_size))
+
+    @torch.no_grad()
+    def ours_call():
+        codes, _ = sample_codes(ours, text, seeds)
+        return vae.decode(codes)
+
+    return {
+        "ours": ours_call,
+        "theirs as shipped": lambda: shipped.generate_images(text.clone(), filter_thres=0.5, use_cache=True),
+        "theirs, cache fixed": lambda: fixed.generate_images(text.clone(), filter_thres=0.5, use_cache=True),
+    }
+
+
+def interleaved(calls: dict[str, callable], rounds: int, cold: tuple[str, ...] = ()) -> dict[str, list[float]]:
+    """Seconds per call, contestants alternating within each round, after one warmup call of each (except the
+    `cold` ones: calls of half a minute gain nothing from it)."""
+    for name, call in calls.items():
+        if name not in cold:
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def train_part(args: argparse.Namespace, gflops: list[float]) -> list[tuple]:
+    """Training rows, plus our FLOP/s as a share of the matmul rate and mixed vs full."""
+    started = time.perf_counter()
+    steps = training_steps(args.train_batch_size)
+    our_rates: dict[str, list[float]] = {}
+    rows = []
+    for setting, contestants in steps.items():
+        calls = {name: (lambda entry=entry: [entry["call"]() for _ in range(3)]) for name, entry in contestants.items()}
+        times = interleaved(calls, args.train_rounds)
+        rates = {name: [3 * args.train_batch_size / t for t in values] for name, values in times.items()}
+        our_rates[setting] = rates["ours"]
+        ratio = statistics.median(a / b for a, b in zip(rates["ours"], rates["theirs"]))
+        ours, theirs = statistics.median(rates["ours"]), statistics.median(rates["theirs"])
+        rows.append((f"train seq/s, {setting}", ours, theirs, None, ratio, None))
+        print(f"train {setting}: ours {ours:.1f}, theirs {theirs:.1f}, ratio {ratio:.2f}x", flush=True)
+        gflops.append(matmul_gflops())
+    our_params = non_embedding_parameters(steps["full"]["ours"]["model"])
+    their_params = non_embedding_parameters(steps["full"]["theirs"]["model"])
+    matmul = statistics.median(gflops)
+    for setting in PATTERNS:
+        flops = 6 * our_params * POSITIONS * statistics.median(our_rates[setting]) / 1e9
+        print(
+            f"ours, {setting}: {flops:.0f} GFLOP/s (6 x {our_params:,} non-embedding parameters x {POSITIONS} "
+            f"positions x seq/s) = {flops / matmul:.0%} of the fp32 matmul rate ({matmul:.0f} GFLOP/s)"
+        )
+    mixed_vs_full = statistics.median(m / f for m, f in zip(our_rates["mixed"], our_rates["full"]))
+    print(
+        f"ours mixed / ours full (median of rounds): {mixed_vs_full:.2f}; theirs non-embedding parameters "
+        f"{their_params:,}; training part took {time.perf_counter() - started:.0f} s"
+    )
+    return rows
+
+
+def generate_part(args: argparse.Namespace, gflops: list[float]) -> list[tuple]:
+    started = time.perf_counter()
+    rows = []
+    for batch_size in (int(size) for size in args.generate_batch_sizes.split(",")):
+        rounds = args.generate_rounds if batch_size <= 8 else max(1, args.generate_rounds - 1)
+        cold = ("theirs as shipped",) if batch_size > 8 else ()
+        times = interleaved(generation_calls(batch_size), rounds, cold)
+        rates = {name: [batch_size / t for t in values] for name, values in times.items()}
+        shipped = statistics.median(a / b for a, b in zip(rates["ours"], rates["theirs as shipped"]))
+        fixed = statistics.median(a / b for a, b in zip(rates["ours"], rates["theirs, cache fixed"]))
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+        rows.append(
+            (
+                f"generate images/s, batch {batch_size}",
+                medians["ours"],
+                medians["theirs as shipped"],
+                medians["theirs, cache fixed"],
+                shipped,
+                fixed,
+            )
+        )
+        print(f"generate batch {batch_size}: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()), flush=True)
+        gflops.append(matmul_gflops())
+    print(f"generation part took {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("all", "train", "generate"), default="all", help="run one half only")
+    parser.add_argument("--train-batch-size", type=int, default=32)
+    parser.add_argument("--train-rounds", type=int, default=6, help="interleaved training rounds (3 steps each)")
+    parser.add_argument(
+        "--generate-rounds", type=int, default=3, help="interleaved generation rounds (batch 64: 1 less)"
+    )
+    parser.add_argument("--generate-batch-sizes", default="8,64")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import dalle_pytorch
+
+    print(f"torch {torch.__version__}, dalle-pytorch {dalle_pytorch.__version__}, {args.threads} threads", flush=True)
+    gflops = [matmul_gflops()]
+    rows = []
+    if args.part in ("all", "train"):
+        rows += train_part(args, gflops)
+    if args.part in ("all", "generate"):
+        rows += generate_part(args, gflops)
+    print()
+    print("| figure | ours | theirs (as shipped) | theirs, cache fixed | ours / as shipped | ours / cache fixed |")
+    print("|---|---|---|---|---|---|")
+    for figure, ours, theirs, theirs_fixed, ratio, ratio_fixed in rows:
+        fixed_text = "" if theirs_fixed is None else f"{theirs_fixed:,.1f}"
+        ratio_fixed_text = "" if ratio_fixed is None else f"{ratio_fixed:.1f}x"
+        print(f"| {figure} | {ours:,.1f} | {theirs:,.1f} | {fixed_text} | {ratio:.2f}x | {ratio_fixed_text} |")
+    print(f"fp32 matmul 1024^2: {' / '.join(f'{g:.0f}' for g in gflops)} GFLOP/s during the run")
+
+
+if __name__ == "__main__":
+    main()
