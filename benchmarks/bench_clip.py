@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from machine import matmul_gflops
 
 from clipdalle.clip import CLIP, CLIPConfig, loss_fn
 
@@ -134,19 +135,6 @@ def training_flops_per_pair(shapes: Shapes, text_tokens: int, batch_size: int, p
 
 
 # ------------------------------------------------------------------------------------------ machine speed
-
-
-def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
-    """Median fp32 GFLOP/s of a size x size matmul: the machine's speed at the moment of the call."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(2):
-        a @ b
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
 
 
 # ------------------------------------------------------------------------------------------ models and data

@@ -32,6 +32,7 @@ import types
 import warnings
 
 import torch
+from machine import matmul_gflops
 
 from clipdalle.dalle import DALLE, DALLEConfig, loss_fn
 from clipdalle.dvae import DiscreteVAE, DVAEConfig
@@ -44,19 +45,6 @@ PATTERNS = {  # setting -> (our attn, their attn_types)
     "full": (["full"], ("full",)),
     "mixed": (["full", "row", "col", "conv"], ("full", "axial_row", "axial_col", "conv_like")),
 }
-
-
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    """Median fp32 GFLOP/s of a size x size matmul: the machine's speed at the moment of the run."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
 
 
 def reference_modules():

@@ -22,25 +22,13 @@ import time
 import warnings
 
 import torch
+from machine import matmul_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipdalle.dvae import DiscreteVAE, DVAEConfig, loss_fn
 
 CONFIGS = [(32, 2), (64, 3)]  # (image_size, downsampling layers)
 VOCAB_SIZE, CODEBOOK_DIM, HIDDEN, RESBLOCKS = 512, 256, 64, 1
-
-
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    """Median fp32 GFLOP/s of a size x size matmul: the machine's speed at the moment of the run."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
 
 
 def reference_vae(image_size: int, layers: int) -> torch.nn.Module:
