@@ -240,3 +240,13 @@ def checkpoint_step(run_dir: str | Path) -> int | None:
         return None
     step = weights_metadata(path).get("step")
     return int(step) if step is not None else None
+
+
+def load_dalle(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """A DALL·E run as (transformer, its dVAE from RUN/vae, its caption tokenizer), in eval mode."""
+    from .tokenizer import CaptionTokenizer
+
+    run_dir = Path(run_dir)
+    model = load_model(run_dir, expect="dalle", device=device)
+    vae = load_model(run_dir / "vae", expect="dvae", device=device)
+    return model, vae, CaptionTokenizer.load(run_dir / TOKENIZER_FILE)

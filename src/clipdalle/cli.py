@@ -161,14 +161,10 @@ def cmd_tokens_cache(args: argparse.Namespace) -> None:
 def load_dalle_bundle(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(DALL·E, its dVAE, its tokenizer, a CLIP bundle or None) from --dalle RUN [--clip RUN]."""
     from . import checkpoint
-    from .tokenizer import CaptionTokenizer
     from .train import resolve_device
 
     device = resolve_device(args.device)
-    run = Path(args.dalle)
-    model = checkpoint.load_model(run, expect="dalle", device=device)
-    vae = checkpoint.load_model(run / "vae", expect="dvae", device=device)
-    tokenizer = CaptionTokenizer.load(run / checkpoint.TOKENIZER_FILE)
+    model, vae, tokenizer = checkpoint.load_dalle(args.dalle, device=device)
     clip_bundle = None
     if args.clip:
         from . import clip
@@ -491,6 +487,42 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(f"done: {report}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from .train import resolve_device
+
+    try:
+        import uvicorn
+
+        from .serve import ServeSettings, create_app, load_models
+    except ImportError as error:
+        raise ValueError(
+            f"serve needs the server extra ({error.name} is missing): pip install 'clipdalle[serve]'"
+        ) from None
+    if args.pipeline_dir is None and not (args.index or args.clip or args.dalle):
+        raise ValueError("serve: give a pipeline directory (clipdalle serve runs/demo) or --index/--clip/--dalle")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("CLIPDALLE_API_KEY") or None
+    settings = ServeSettings(
+        api_key=api_key,
+        cors_origins=list(args.cors_origin or []),
+        rerank=args.rerank,
+        max_queue=args.max_queue,
+        device=str(resolve_device(args.device)),
+    )
+    if settings.rerank < 1:
+        raise ValueError(f"--rerank {settings.rerank}: expected at least 1 candidate per image")
+    models = load_models(args.pipeline_dir, index=args.index, clip=args.clip, dalle=args.dalle, device=settings.device)
+    app = create_app(models, settings)
+    loaded = [name for name in ("index", "clip", "dalle") if getattr(models, name) is not None]
+    print(f"serving {', '.join(loaded)} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr
+        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 # ------------------------------------------------------------------------------------------ the table
 
 
@@ -661,6 +693,19 @@ def build_parser() -> argparse.ArgumentParser:
     moderate.add_argument("--calibrate", default=None, help="labels.csv (image,concept; 'none' = clean)")
     moderate.add_argument("--json", action="store_true", help="print the report as JSON")
     add_runtime_flags(moderate)
+
+    serve = command(commands, "serve", cmd_serve, "web page, JSON API and OpenAI-compatible images API")
+    serve.add_argument("pipeline_dir", nargs="?", default=None, help="a pipeline output with index/, clip/, dalle/")
+    serve.add_argument("--index", default=None, help="index folder (search, similar, thumbnails)")
+    serve.add_argument("--clip", default=None, help="CLIP run (default: the index's) for classify, moderate, reranking")
+    serve.add_argument("--dalle", default=None, help="DALL·E run (its dVAE and tokenizer come with it) to generate")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--api-key", default=None, help="bearer token required on every route (env CLIPDALLE_API_KEY)")
+    serve.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (repeatable)")
+    serve.add_argument("--rerank", type=int, default=4, help="OpenAI routes: each image is the best of K (with CLIP)")
+    serve.add_argument("--max-queue", type=int, default=8, help="generation requests admitted at once; more get 503")
+    add_runtime_flags(serve)
 
     pipeline = command(commands, "pipeline", cmd_pipeline, "run a multi-stage job (the demo) end to end")
     pipeline.add_argument("--preset", default="demo", help="pipeline preset in configs/ (demo, small, ml6)")

@@ -40,11 +40,12 @@ class BadImage(ValueError):
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes | str | Path, name: str | None = None) -> Image.Image:
+def decode_image(data: bytes | str | Path, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decodes encoded image bytes or an image file to an RGB image with its EXIF orientation applied.
 
     `name` is used in error messages (defaults to the path, or "image bytes"). Truncated files, unreadable
-    bytes and images above MAX_IMAGE_PIXELS raise BadImage. Animated images give their first frame.
+    bytes and images above `max_pixels` (a server may set a lower cap) raise BadImage. Animated images give their
+    first frame.
     """
     if isinstance(data, (str, Path)):
         name = name or str(data)
@@ -62,10 +63,10 @@ def decode_image(data: bytes | str | Path, name: str | None = None) -> Image.Ima
             width, height = image.size
             if width < 1 or height < 1:
                 raise BadImage(f"{name}: empty image ({width} x {height} pixels)")
-            if width * height > MAX_IMAGE_PIXELS:
+            if width * height > max_pixels:
                 raise BadImage(
-                    f"{name}: {width} x {height} = {width * height} pixels is more than MAX_IMAGE_PIXELS "
-                    f"({MAX_IMAGE_PIXELS}); refusing to decode it (a decompression bomb or an oversized image)"
+                    f"{name}: {width} x {height} = {width * height} pixels is above the pixel limit "
+                    f"({max_pixels}); refusing to decode it (a decompression bomb or an oversized image)"
                 )
             # `.load()` decodes now, inside the try: Pillow decodes lazily, and with LOAD_TRUNCATED_IMAGES left
             # False a truncated file raises here instead of giving half an image.
