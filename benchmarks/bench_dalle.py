@@ -14,6 +14,8 @@ token shift, GEGLU feed-forward, one joint output layer over text + image ids).
   `generate_images(text, filter_thres=0.5)`, whose top half of 1,512 text + image logits keeps every image
   code). "theirs as shipped" passes use_cache=True, which `forward_with_cond_scale` drops when cond_scale is 1;
   "theirs, cache fixed" binds a copy of that method that passes the cache through (their package unchanged).
+- Per code step: the bare matrix products one decoding step does (every Linear it uses, batch rows, F.linear for
+  both), against each side's whole generation time / 64: how far each is from being only matmuls.
 
 Ours and theirs alternate (A B A B ...) after a warmup and the table shows the median of the per-round ratios,
 because this machine's speed drifts by tens of percent within minutes. Needs the reference venv (see
@@ -21,6 +23,7 @@ because this machine's speed drifts by tens of percent within minutes. Needs the
 
     bash ../shared/bench/reference-env.sh .venv-ref && .venv-ref/bin/pip install --no-deps -e .
     .venv-ref/bin/python benchmarks/bench_dalle.py                  # or --part train / --part generate
+    .venv-ref/bin/python benchmarks/bench_dalle.py --part generate --threads 1 --cpu-time   # on a shared machine
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import types
 import warnings
 
 import torch
+import torch.nn.functional as F
 from machine import matmul_gflops
 
 from clipdalle.dalle import DALLE, DALLEConfig, loss_fn
@@ -160,6 +164,35 @@ def generation_calls(batch_size: int) -> dict[str, callable]:
     }
 
 
+def step_weights(model: torch.nn.Module, skip: tuple[str, ...]) -> list[torch.Tensor]:
+    """The weight matrices one decoding step multiplies by: every Linear outside the dVAE and `skip`."""
+    return [
+        module.weight.detach()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.startswith(("vae.", *skip))
+    ]
+
+
+def matmul_floor(batch_size: int, rounds: int = 15) -> dict[str, float]:
+    """contestant -> seconds per decoding step of its bare matrix products (batch_size rows x every step weight,
+    F.linear for both), interleaved: the time a step would take if it did nothing else."""
+    weights = {
+        "ours": step_weights(our_models(["full"])[0], ("text_head",)),  # ours: one image head, no text logits
+        "theirs": step_weights(their_dalle(("full",)), ()),  # theirs: one joint text + image head
+    }
+    inputs = {
+        name: [torch.randn(batch_size, weight.shape[1]) for weight in matrices] for name, matrices in weights.items()
+    }
+    calls = {
+        name: (lambda name=name: [F.linear(x, w) for x, w in zip(inputs[name], weights[name])]) for name in weights
+    }
+    times = interleaved({name: (lambda call=call: [call() for _ in range(10)]) for name, call in calls.items()}, rounds)
+    return {name: statistics.median(values) / 10 for name, values in times.items()}
+
+
+CLOCK = {"clock": time.perf_counter}  # --cpu-time switches to time.process_time
+
+
 def interleaved(calls: dict[str, callable], rounds: int, cold: tuple[str, ...] = ()) -> dict[str, list[float]]:
     """Seconds per call, contestants alternating within each round, after one warmup call of each (except the
     `cold` ones: calls of half a minute gain nothing from it)."""
@@ -169,9 +202,9 @@ def interleaved(calls: dict[str, callable], rounds: int, cold: tuple[str, ...] =
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = CLOCK["clock"]()
             call()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK["clock"]() - start)
     return times
 
 
@@ -230,6 +263,16 @@ def generate_part(args: argparse.Namespace, gflops: list[float]) -> list[tuple]:
             )
         )
         print(f"generate batch {batch_size}: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()), flush=True)
+        floor = matmul_floor(batch_size)
+        steps = IMAGE_SIZE // 2**LAYERS
+        steps *= steps  # one step per code, the caption's and the dVAE's share included
+        per_step = {name: 1e3 * batch_size / rate / steps for name, rate in medians.items()}
+        print(
+            f"  per code step, batch {batch_size}: bare matmuls ours {1e3 * floor['ours']:.2f} ms, theirs "
+            f"{1e3 * floor['theirs']:.2f} ms ({floor['theirs'] / floor['ours']:.2f}x: the ratio if both were only "
+            f"matmuls); whole generation / {steps}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in per_step.items()),
+            flush=True,
+        )
         gflops.append(matmul_gflops())
     print(f"generation part took {time.perf_counter() - started:.0f} s")
     return rows
@@ -245,13 +288,27 @@ def main() -> None:
     )
     parser.add_argument("--generate-batch-sizes", default="8,64")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the process's CPU time instead of the wall clock (1 thread only): on a machine shared with "
+        "other jobs, a 1-thread process's CPU time leaves out the time it waits for a core",
+    )
     args = parser.parse_args()
+    if args.cpu_time and args.threads != 1:
+        parser.error(f"--cpu-time counts the CPU time of all threads; use it with --threads 1, got {args.threads}")
+    if args.cpu_time:
+        CLOCK["clock"] = time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     import dalle_pytorch
 
-    print(f"torch {torch.__version__}, dalle-pytorch {dalle_pytorch.__version__}, {args.threads} threads", flush=True)
+    clock = "CPU time" if args.cpu_time else "wall clock"
+    print(
+        f"torch {torch.__version__}, dalle-pytorch {dalle_pytorch.__version__}, {args.threads} threads, {clock}",
+        flush=True,
+    )
     gflops = [matmul_gflops()]
     rows = []
     if args.part in ("all", "train"):

@@ -12,6 +12,7 @@ from clipdalle.dalle import (
     DALLE,
     PAD_ID,
     DALLEConfig,
+    ImageStep,
     attention_mask,
     drop_captions,
     empty_captions,
@@ -173,6 +174,25 @@ def test_cached_chunks_equal_full_forward(attn):
         fresh = model.new_caches()
         model.start(text, fresh)
         model.extend(codes[:, 3:4], 3, fresh)
+
+
+@pytest.mark.parametrize("attn", [["full"], ["full", "row", "col", "conv"]])
+def test_image_step_equals_extend_one_code_at_a_time(attn):
+    model = tiny_model(attn=attn)
+    text, codes = random_batch(model.config)
+    _, full = model(text, codes)
+    step = ImageStep(model)
+    caches = model.new_caches()
+    with torch.no_grad():
+        model.start(text, caches)
+        logits = [step(codes[:, cell], cell, caches) for cell in range(model.config.image_length - 1)]
+    torch.testing.assert_close(torch.stack(logits, dim=1), full[:, 1:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cell 15 is not feedable; codes 0 .. 14 are fed"):
+        step(codes[:, -1], model.config.image_length - 1, caches)
+    with pytest.raises(ValueError, match="next code is cell 0, not 2"):
+        fresh = model.new_caches()
+        model.start(text, fresh)
+        step(codes[:, 2], 2, fresh)
 
 
 def test_loss_fn_weights_text_and_image_and_reports_bits():

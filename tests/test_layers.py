@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from clipdalle.layers import (
+    BlockStep,
     KVCache,
     LayerNorm,
     QuickGELU,
@@ -159,3 +160,69 @@ def test_forward_at_equals_the_full_forward_read_at_those_positions(is_causal, c
     torch.testing.assert_close(at_grad, full_grad, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="one position per row"):
         transformer.forward_at(x, positions[:2])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+def test_block_step_equals_the_cached_forward_one_position_at_a_time(activation):
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(16, 4, activation).eval()
+    for parameter in block.parameters():  # biases are zeros at init; make them count
+        nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(3, 7, 16)
+    full = block(x, is_causal=True)
+    allowed = torch.rand(7, 7, generator=torch.Generator().manual_seed(1)) > 0.4
+    allowed |= torch.eye(7, dtype=torch.bool)  # every position sees itself
+    masked = block(x, causal_mask(7, 7) & allowed)
+    step = BlockStep(block)
+    with torch.no_grad():
+        plain_cache, masked_cache = KVCache(7), KVCache(7)
+        block(x[:, :3], None, True, plain_cache)  # a prompt of 3 positions, then one at a time
+        block(x[:, :3], causal_mask(3, 3) & allowed[:3, :3], False, masked_cache)
+        for t in range(3, 7):
+            torch.testing.assert_close(step(x[:, t], plain_cache), full[:, t], atol=1e-5, rtol=1e-5)
+            bias = torch.zeros(t + 1).masked_fill(~allowed[t, : t + 1], float("-inf"))
+            torch.testing.assert_close(step(x[:, t], masked_cache, bias), masked[:, t], atol=1e-5, rtol=1e-5)
+    assert len(plain_cache) == 7
+    block.attn.out_proj.bias.data += 1.0  # a snapshot: later changes to the block do not reach the step
+    with torch.no_grad():
+        plain_cache.reset()
+        block(x[:, :6], None, True, plain_cache)
+        torch.testing.assert_close(step(x[:, 6], plain_cache), full[:, 6], atol=1e-5, rtol=1e-5)
+
+
+def test_forward_last_equals_the_last_position_and_fills_the_cache():
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(16, 4).eval()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        reference_cache, last_cache = KVCache(6), KVCache(6)
+        block(x[:, :2], None, True, reference_cache)
+        full = block(x[:, 2:], None, True, reference_cache)  # (B, 4, C) after 2 cached positions
+        block(x[:, :2], None, True, last_cache)
+        last = block.forward_last(x[:, 2:], last_cache)
+    assert last.shape == (2, 1, 16)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last_cache.keys, reference_cache.keys)
+    torch.testing.assert_close(last_cache.values, reference_cache.values)
+
+
+def test_fill_from_copies_chosen_rows_of_a_cache():
+    model = tiny_transformer()
+    x = torch.randn(2, 5, 16)
+    source = [KVCache(8) for _ in model.resblocks]
+    with torch.no_grad():
+        model(x[:, :3], is_causal=True, caches=source)
+        rows = torch.tensor([1, 0, 1])
+        filled = [KVCache(8) for _ in model.resblocks]
+        for cache, shared in zip(filled, source):
+            cache.fill_from(shared, rows)
+        direct = [KVCache(8) for _ in model.resblocks]
+        model(x[rows, :3], is_causal=True, caches=direct)
+        torch.testing.assert_close(
+            model(x[rows, 3:], is_causal=True, caches=filled), model(x[rows, 3:], is_causal=True, caches=direct)
+        )
+    assert len(filled[0]) == 5 and filled[0].keys.shape == (3, 4, 5, 4)
+    with pytest.raises(ValueError, match="already holds 5 positions"):
+        filled[0].fill_from(source[0], rows)
+    with pytest.raises(ValueError, match="more than the capacity of 2"):
+        KVCache(2).fill_from(source[0], rows)

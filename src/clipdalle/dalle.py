@@ -30,6 +30,7 @@ trains the unconditional model that classifier-free guidance needs (clipdalle.sa
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import unwrap
-from .layers import KVCache, LayerNorm, Transformer
+from .layers import BlockStep, KVCache, LayerNorm, Transformer, apply_layer_norm
 from .tokenizer import CaptionTokenizer
 
 ATTENTION_PATTERNS = ("full", "row", "col", "conv")
@@ -218,12 +219,18 @@ class DALLE(nn.Module):
 
     # -------------------------------------------------------------------------------------- transformer
 
-    def _blocks(self, x: torch.Tensor, start: int, caches: list[KVCache] | None) -> torch.Tensor:
-        """Runs the blocks on x (B, t, C), the positions start .. start + t - 1 (earlier ones in `caches`)."""
+    def _blocks(
+        self, x: torch.Tensor, start: int, caches: list[KVCache] | None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Runs the blocks on x (B, t, C), the positions start .. start + t - 1 (earlier ones in `caches`).
+        `last_only` returns (B, 1, C), the last position only, and skips the last block's work at the others
+        (their keys and values still go into `caches`); the last position must see all others in every pattern."""
         t = x.shape[1]
         for index, (block, pattern) in enumerate(zip(self.transformer.resblocks, self.patterns)):
             cache = None if caches is None else caches[index]
-            if pattern == "full" and start == 0:
+            if last_only and index == len(self.patterns) - 1:
+                x = block.forward_last(x, cache)
+            elif pattern == "full" and start == 0:
                 x = block(x, None, True, cache)  # SDPA's own causal path, no mask tensor
             elif pattern == "full" and t == 1:
                 x = block(x, None, False, cache)  # one new position sees every cached one
@@ -257,7 +264,8 @@ class DALLE(nn.Module):
         if any(len(cache) for cache in caches):
             raise ValueError("start: the caches already hold positions; use new_caches() for each batch")
         x = torch.cat([self.embed_text(text), self.start_of_image(text.shape[0])], dim=1)  # (B, T + 1, C)
-        return self.image_head(self._blocks(x, 0, caches)[:, -1:])
+        # <soi> is the text region's last position: causal there, it sees the whole caption in every pattern
+        return self.image_head(self._blocks(x, 0, caches, last_only=True))
 
     def extend(self, codes: torch.Tensor, first: int, caches: list[KVCache]) -> torch.Tensor:
         """Feeds codes (B, t), the codes of cells first .. first + t - 1, after what `caches` hold; returns the
@@ -306,6 +314,55 @@ class DALLE(nn.Module):
                 f"{int(codes.min())} to {int(codes.max())}; was the model built for another dVAE?"
             )
         return text.long(), codes.long()
+
+
+class ImageStep:
+    """`DALLE.extend` for exactly one code per row, the step a sampler repeats N - 1 times per image, with the
+    weights laid out for thin matrix products (`clipdalle.layers.BlockStep`) and the image head alone.
+
+    `ImageStep(model)(codes, cell, caches)` takes codes (B,) of cell `cell` and returns the logits (B,
+    image_vocab_size) of code cell + 1, equal to `model.extend(codes[:, None], cell, caches)[:, 0]` up to
+    rounding. The weights are a snapshot taken at construction (a copy of the transformer's, ~4 bytes per
+    parameter): build one per sampling run, not once per model."""
+
+    def __init__(self, model: DALLE):
+        config = model.config
+        self.text_region = config.text_region
+        self.image_length = config.image_length
+        self.blocks = [BlockStep(block) for block in model.transformer.resblocks]
+        self.patterns = model.patterns
+        with torch.no_grad():
+            self.image_embedding = model.image_embedding.weight.detach().clone()  # (V, C)
+            self.grid_position = model.grid_position_embedding().detach()  # (N, C)
+            self.head_weight = model.image_head.weight.t().contiguous()  # (C, V)
+            self.head_bias = model.image_head.bias.detach().clone()
+        self.ln_final = copy.deepcopy(model.ln_final)
+        self.mask_biases = {}  # pattern -> additive (L, L) mask, 0 or -inf, for the patterns that are not causal
+        for pattern in set(self.patterns) - {"full"}:
+            allowed = getattr(model, f"mask_{pattern}")
+            self.mask_biases[pattern] = allowed.new_zeros(allowed.shape, dtype=self.head_weight.dtype).masked_fill_(
+                ~allowed, float("-inf")
+            )
+
+    def __call__(self, codes: torch.Tensor, cell: int, caches: list[KVCache]) -> torch.Tensor:
+        """codes (B,) of cell `cell`, fed after what `caches` hold -> logits (B, image_vocab_size) of code cell + 1."""
+        position = self.text_region + cell
+        if not 0 <= cell < self.image_length - 1:
+            raise ValueError(
+                f"ImageStep: cell {cell} is not feedable; codes 0 .. {self.image_length - 2} are fed (the last one "
+                f"is only predicted)"
+            )
+        if len(caches[0]) != position:
+            raise ValueError(
+                f"ImageStep: the caches hold {len(caches[0])} positions, so the next code is cell "
+                f"{len(caches[0]) - self.text_region}, not {cell}"
+            )
+        x = F.embedding(codes, self.image_embedding) + self.grid_position[cell]  # (B, C)
+        for block, pattern, cache in zip(self.blocks, self.patterns, caches):
+            mask_bias = None if pattern == "full" else self.mask_biases[pattern][position, : position + 1]
+            x = block(x, cache, mask_bias)
+        x = apply_layer_norm(self.ln_final, x)
+        return torch.addmm(self.head_bias, x, self.head_weight)  # (B, V)
 
 
 # ------------------------------------------------------------------------------------------ loss

@@ -3,10 +3,13 @@
 A block holds `ln_1`, `attn` (`in_proj_weight`, `in_proj_bias`, `out_proj`: the names nn.MultiheadAttention
 uses, so OpenAI and open_clip checkpoints load with strict=True), `ln_2` and `mlp.c_fc` / `mlp.c_proj`.
 Attention itself runs through `F.scaled_dot_product_attention` on batch-first (B, nh, T, hs) tensors, and
-takes an optional `KVCache` so that a decoder can feed one new position at a time.
+takes an optional `KVCache` so that a decoder can feed one new position at a time; `BlockStep` is a block's
+weights laid out for that one-position step, the inner loop of DALL·E sampling.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,13 @@ class LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def apply_layer_norm(norm: LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)`, without the casts and the module call when x is fp32 already: a decoding step calls it 9 times."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class QuickGELU(nn.Module):
@@ -71,18 +81,20 @@ class KVCache:
     """Keys and values of the positions one attention layer has seen so far, in buffers written in place.
 
     Pass one per layer to `Transformer.forward(..., caches=...)`; every call writes its new positions after the
-    cached ones and attends to all of them. `KVCache(capacity)` allocates (B, nh, capacity, hs) buffers at the
-    first call (batch, heads, dtype and device come from it), so a decoder that knows its sequence length writes
-    one position per step into memory allocated once, with no torch.cat per step. Without a capacity the buffers
-    start at the first call's length and double when full (amortised O(1) copies per position).
-    `keys` / `values` are views (B, nh, T_past, hs) of the filled part."""
+    cached ones and attends to all of them. `KVCache(capacity)` allocates its buffers at the first call (batch,
+    heads, dtype and device come from it), so a decoder that knows its sequence length writes one position per
+    step into memory allocated once, with no torch.cat per step. Without a capacity the buffers start at the first
+    call's length and double when full (amortised O(1) copies per position).
+    `keys` / `values` are views (B, nh, T_past, hs) of the filled part. The keys are stored transposed, (B, nh, hs,
+    T), so that a single query's scores are one matrix product per head with the keys' T along the rows'
+    contiguous dimension (`transposed_keys`, what `BlockStep` reads: 4-11 % less attention time than (T, hs))."""
 
     def __init__(self, capacity: int | None = None) -> None:
         if capacity is not None and capacity < 1:
             raise ValueError(f"KVCache: capacity must be at least 1 position (or None to grow), got {capacity}")
         self.capacity = capacity
         self.length = 0
-        self._keys: torch.Tensor | None = None  # (B, nh, allocated, hs)
+        self._keys: torch.Tensor | None = None  # (B, nh, hs, allocated)
         self._values: torch.Tensor | None = None  # (B, nh, allocated, hs)
 
     def __len__(self) -> int:
@@ -90,7 +102,11 @@ class KVCache:
 
     @property
     def keys(self) -> torch.Tensor | None:
-        return None if self._keys is None else self._keys[:, :, : self.length]  # (B, nh, T_past, hs)
+        return None if self._keys is None else self._keys[:, :, :, : self.length].transpose(2, 3)  # (B, nh, T_past, hs)
+
+    @property
+    def transposed_keys(self) -> torch.Tensor | None:
+        return None if self._keys is None else self._keys[:, :, :, : self.length]  # (B, nh, hs, T_past)
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -112,24 +128,43 @@ class KVCache:
             )
         if self._keys is None:
             self._allocate(keys, self.capacity if self.capacity is not None else T_new)
-        elif self._keys.shape[:2] != (B, nh) or self._keys.shape[3] != hs:
+        elif self._values.shape[:2] != (B, nh) or self._values.shape[3] != hs:
             raise ValueError(
                 f"KVCache: got keys of shape {tuple(keys.shape)}, but the cache holds (B, nh, T, hs) = "
-                f"{tuple(self._keys.shape)}; use one cache per layer and batch"
+                f"{tuple(self._values.shape)}; use one cache per layer and batch"
             )
-        elif end > self._keys.shape[2]:  # growing cache (no capacity): double, keeping what is there
-            old_keys, old_values = self.keys, self.values
-            self._allocate(keys, max(end, 2 * self._keys.shape[2]))
-            self._keys[:, :, : self.length] = old_keys
+        elif end > self._values.shape[2]:  # growing cache (no capacity): double, keeping what is there
+            old_keys, old_values = self.transposed_keys, self.values
+            self._allocate(keys, max(end, 2 * self._values.shape[2]))
+            self._keys[:, :, :, : self.length] = old_keys
             self._values[:, :, : self.length] = old_values
-        self._keys[:, :, self.length : end] = keys
+        self._keys[:, :, :, self.length : end] = keys.transpose(2, 3)  # (B, nh, hs, T_new)
         self._values[:, :, self.length : end] = values
         self.length = end
         return self.keys, self.values
 
+    def fill_from(self, source: KVCache, rows: torch.Tensor) -> None:
+        """Fills this empty cache with the positions cached in `source`, row `rows[i]` of it becoming row i: many
+        samples of one prompt start from the prompt's keys and values, computed once. rows (B,) indexes source's
+        batch."""
+        if self.length:
+            raise ValueError(f"KVCache.fill_from: this cache already holds {self.length} positions; use a new one")
+        if source._keys is None:
+            raise ValueError("KVCache.fill_from: the source cache is empty; feed the prompt into it first")
+        size = source.length if self.capacity is None else self.capacity
+        if source.length > size:
+            raise ValueError(
+                f"KVCache.fill_from: the source holds {source.length} positions, more than the capacity of {size}"
+            )
+        keys, values = source.transposed_keys[rows], source.values[rows]  # (B, nh, hs, T), (B, nh, T, hs)
+        self._allocate(values, size)
+        self._keys[:, :, :, : source.length] = keys
+        self._values[:, :, : source.length] = values
+        self.length = source.length
+
     def _allocate(self, like: torch.Tensor, size: int) -> None:
         B, nh, _, hs = like.shape
-        self._keys = like.new_empty(B, nh, size, hs)
+        self._keys = like.new_empty(B, nh, hs, size)
         self._values = like.new_empty(B, nh, size, hs)
 
 
@@ -167,7 +202,9 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             past = len(cache)
-            k, v = cache.append(k, v)  # (B, nh, past + T, hs)
+            cached_k, cached_v = cache.append(k, v)  # (B, nh, past + T, hs)
+            if past > 0:  # with nothing before them, the new k, v are all there is: SDPA's fast path takes them
+                k, v = cached_k, cached_v  # (the cache's keys are a transposed view, which SDPA's math path reads)
             if is_causal and past > 0:
                 # SDPA's is_causal aligns the triangle top-left; new queries sit at the end (bottom-right).
                 mask = merge_masks(causal_mask(T, past + T, device=x.device), mask)
@@ -204,6 +241,75 @@ class SelfAttention(nn.Module):
         return self.out_proj(y.reshape(B, C))  # (B, C)
 
 
+class BlockStep:
+    """A `ResidualAttentionBlock` run on one new position per row after the positions in a `KVCache`: the
+    inner loop of token-by-token decoding, where every matrix product has only B rows.
+
+    The block's weights are copied once into the layout that suits such thin products: transposed to (in, out)
+    and contiguous, so each product is `torch.addmm(bias, x, weight)` = x @ W: for the 17 products of a DALL·E
+    step with 8 rows, 1.27x the speed of F.linear's x @ W.T (MKL on an AMD EPYC, 1 thread; 1.09x with 64). The attention
+    scale 1/sqrt(hs) is folded into the query weights, and single-query attention is two batched matrix
+    products over the filled part of the cache (no mask building for causal layers: the cache holds only
+    earlier positions). The copy is a snapshot: build a new `BlockStep` after the block's weights change."""
+
+    def __init__(self, block: ResidualAttentionBlock):
+        attention = block.attn
+        C = attention.in_proj_weight.shape[1]
+        self.n_head = attention.n_head
+        self.head_size = C // attention.n_head
+        with torch.no_grad():
+            scale = torch.ones(3 * C, dtype=attention.in_proj_weight.dtype, device=attention.in_proj_weight.device)
+            scale[:C] = self.head_size**-0.5  # per SDPA: softmax(q k^T / sqrt(hs)); applied to q's weights once
+            self.qkv_weight = (attention.in_proj_weight * scale[:, None]).t().contiguous()  # (C, 3C)
+            self.qkv_bias = attention.in_proj_bias * scale  # (3C,)
+            self.out_weight = attention.out_proj.weight.t().contiguous()  # (C, C)
+            self.out_bias = attention.out_proj.bias.detach().clone()
+            self.fc_weight = block.mlp.c_fc.weight.t().contiguous()  # (C, 4C)
+            self.fc_bias = block.mlp.c_fc.bias.detach().clone()
+            self.proj_weight = block.mlp.c_proj.weight.t().contiguous()  # (4C, C)
+            self.proj_bias = block.mlp.c_proj.bias.detach().clone()
+        self.ln_1, self.ln_2 = copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2)
+        self.activation = block.mlp.activation  # parameter-free
+
+    def __call__(self, x: torch.Tensor, cache: KVCache, mask_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C), one new position per row -> (B, C), the block's output there. The position's key and value
+        are appended to `cache` and it attends to every cached position and itself, minus those where
+        `mask_bias` (T_past + 1,), additive, is -inf (None: all of them, as in a causal layer)."""
+        B, C = x.shape
+        nh, hs = self.n_head, self.head_size
+        qkv = torch.addmm(self.qkv_bias, apply_layer_norm(self.ln_1, x), self.qkv_weight)  # (B, 3C)
+        q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # (B, nh, 1, hs) each
+        _, values = cache.append(k, v)  # (B, nh, T, hs)
+        T = values.shape[2]
+        keys = cache.transposed_keys.reshape(B * nh, hs, T)  # a view: (B, nh) merge in the cache's layout
+        scores = torch.bmm(q.reshape(B * nh, 1, hs), keys)  # (B*nh, 1, T)
+        if mask_bias is not None:
+            scores += mask_bias
+        y = torch.bmm(scores.softmax(-1), values.reshape(B * nh, T, hs))  # (B*nh, 1, hs)
+        x = x + torch.addmm(self.out_bias, y.view(B, C), self.out_weight)  # heads side by side: (B, C)
+        hidden = self.activation(torch.addmm(self.fc_bias, apply_layer_norm(self.ln_2, x), self.fc_weight))  # (B, 4C)
+        return x + torch.addmm(self.proj_bias, hidden, self.proj_weight)
+
+
+def last_position_attention(attention: SelfAttention, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """x (B, T, C), new positions after those in `cache` -> (B, 1, C): `attention(x, is_causal=True, cache=cache)`
+    at the last position only. Every position's key and value go into the cache, but the query and the output
+    projection run for the last position, which sees all the others (what feeding a prompt needs)."""
+    B, T, C = x.shape
+    nh, hs = attention.n_head, C // attention.n_head
+    k, v = F.linear(x, attention.in_proj_weight[C:], attention.in_proj_bias[C:]).split(C, dim=2)
+    k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+    v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+    past = len(cache)
+    keys, values = cache.append(k, v)  # (B, nh, T_past + T, hs)
+    if past == 0:  # the new k, v are all there is; SDPA's fast path takes them, not the cache's transposed keys
+        keys, values = k, v
+    q = F.linear(x[:, -1:], attention.in_proj_weight[:C], attention.in_proj_bias[:C])  # (B, 1, C)
+    q = q.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
+    y = F.scaled_dot_product_attention(q, keys, values)  # (B, nh, 1, hs)
+    return attention.out_proj(y.transpose(1, 2).reshape(B, 1, C))  # (B, 1, C)
+
+
 class MLP(nn.Module):
     """c_fc -> activation -> c_proj with a 4x hidden width, as in GPT-2 and CLIP."""
 
@@ -237,6 +343,14 @@ class ResidualAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         x = x + self.residual_dropout(self.attn(self.ln_1(x), mask, is_causal, cache))
         return x + self.residual_dropout(self.mlp(self.ln_2(x)))
+
+    def forward_last(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x (B, T, C), new positions after those in `cache` -> (B, 1, C): `forward(x, is_causal=True,
+        cache=cache)` at the last position only; all T keys and values are still cached. For the last block of
+        a decoder fed a prompt, of which only the last position's output is read: the query, output projection
+        and MLP of the other T - 1 positions are skipped."""
+        last = x[:, -1:] + self.residual_dropout(last_position_attention(self.attn, self.ln_1(x), cache))
+        return last + self.residual_dropout(self.mlp(self.ln_2(last)))
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         """x (B, T, C), positions (B,) -> (B, C): `forward`'s output at one position per row, computing the

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import unwrap
-from .dalle import DALLE, PAD_ID, empty_captions
+from .dalle import DALLE, PAD_ID, ImageStep, empty_captions
 
 DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
 NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
@@ -99,6 +99,11 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 def gumbel_noise(uniform: torch.Tensor) -> torch.Tensor:
     """-log(-log(u)) for u uniform in [0, 1): argmax(logits + noise) samples from softmax(logits)."""
     return -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+
+
+def code_log_probs(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """log p(code) under softmax(logits): logits (..., V), codes (...) -> (...)."""
+    return logits.log_softmax(-1).gather(-1, codes[..., None])[..., 0]
 
 
 def choose_codes(
@@ -164,18 +169,37 @@ class Decoder:
             text = torch.cat([text, unconditional])  # (2B, T)
         self.text = text
         self.caches = self.model.new_caches()
+        self.image_step = ImageStep(self.model)  # one code per row with thin-product weights, copied per decoder
 
     @torch.no_grad()
     def start(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feeds the captions and <soi>: logits of code 0, (B, 1, V) twice."""
-        return self._split(self.model.start(self.text, self.caches))
+        """Feeds the captions and <soi>: logits of code 0, (B, 1, V) twice. A caption that several rows share (n
+        samples of a prompt, the unconditional rows of guidance) goes through the transformer once and its keys
+        and values are copied to those rows."""
+        unique, rows = torch.unique(self.text, dim=0, return_inverse=True)  # (U, T), (R,): row i reads unique[rows[i]]
+        if unique.shape[0] == self.text.shape[0]:
+            return self._split(self.model.start(self.text, self.caches))
+        shared = self.model.new_caches()
+        logits = self.model.start(unique, shared)[rows]  # (R, 1, V)
+        for cache, source in zip(self.caches, shared):
+            cache.fill_from(source, rows)
+        return self._split(logits)
 
     @torch.no_grad()
     def extend(self, codes: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Feeds codes (B, t) of cells first .. first + t - 1: logits of codes first + 1 .. first + t."""
+        if codes.shape[1] == 1:
+            logits, cond = self.step(codes[:, 0], first)
+            return logits[:, None], cond[:, None]  # (B, 1, V) each
         if self.guided:
             codes = torch.cat([codes, codes])  # (2B, t): the unconditional rows read the same codes
         return self._split(self.model.extend(codes, first, self.caches))
+
+    def step(self, codes: torch.Tensor, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feeds codes (B,) of cell `cell`: logits of code cell + 1, (B, V) twice (the sampler's inner loop)."""
+        if self.guided:
+            codes = torch.cat([codes, codes])  # (2B,): the unconditional rows read the same codes
+        return self._split(self.image_step(codes, cell, self.caches))
 
     def _split(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.guided:
@@ -214,33 +238,31 @@ def sample_codes(
         given = given.reshape(B, N).to(text.device)  # (B, N)
     fixed = [False] * N if resample is None else (~resample).tolist()
     noise = SampleNoise(seeds, model.config.image_vocab_size, N, text.device)
-    decoder = Decoder(model, text, cond_scale)
     codes = torch.empty(B, N, dtype=torch.long, device=text.device)
     log_likelihood = torch.zeros(B, device=text.device)
-    logits, cond_logits = (out[:, 0] for out in decoder.start())  # for code 0, (B, V) each
-    cell = 0
-    while True:
-        if fixed[cell]:
+    with torch.inference_mode():  # no autograd bookkeeping on the ~90 small ops per step; outputs are made outside
+        decoder = Decoder(model, text, cond_scale)
+        logits, cond = (out[:, 0] for out in decoder.start())  # for code 0, (B, V) each
+        cell = 0
+        while True:
             end = cell + 1
-            while end < N and fixed[end]:
-                end += 1
-            codes[:, cell:end] = given[:, cell:end]
-        else:
-            end = cell + 1
-            codes[:, cell] = choose_codes(logits, noise.at(cell), temperature, top_k, top_p)
-        log_likelihood += cond_logits.log_softmax(-1).gather(1, codes[:, cell : cell + 1])[:, 0]
-        fed = codes[:, cell : min(end, N - 1)]  # the last code is never fed
-        if fed.shape[1] == 0:
-            break
-        logits_out, cond_out = decoder.extend(fed, cell)  # for codes cell + 1 .. cell + fed length
-        inner = end - cell - 1  # given codes after the first of the run
-        if inner:
-            log_probs = cond_out[:, :inner].log_softmax(-1)  # (B, inner, V)
-            log_likelihood += log_probs.gather(2, codes[:, cell + 1 : end, None])[..., 0].sum(1)
-        if end >= N:
-            break
-        logits, cond_logits = logits_out[:, -1], cond_out[:, -1]
-        cell = end
+            if fixed[cell]:
+                while end < N and fixed[end]:
+                    end += 1
+                codes[:, cell:end] = given[:, cell:end]
+            else:
+                codes[:, cell] = choose_codes(logits, noise.at(cell), temperature, top_k, top_p)
+            log_likelihood += code_log_probs(cond, codes[:, cell])
+            if end == cell + 1 and end < N:  # one code: the sampler's inner loop
+                logits, cond = decoder.step(codes[:, cell], cell)  # for code cell + 1
+            elif cell < N - 1:  # a run of given codes, fed at once (the last code is never fed)
+                logits_out, cond_out = decoder.extend(codes[:, cell : min(end, N - 1)], cell)  # codes cell + 1 ..
+                inner = end - cell - 1  # the given codes after the run's first, predicted inside the run
+                log_likelihood += code_log_probs(cond_out[:, :inner], codes[:, cell + 1 : end]).sum(1)
+                logits, cond = logits_out[:, -1], cond_out[:, -1]
+            if end >= N:
+                break
+            cell = end
     return codes, log_likelihood
 
 
