@@ -267,8 +267,47 @@ def test_codec_follows_the_memory_budget():
     assert index.ivf_codec(512, 1_000_000, 100) == "PQ64"
     with pytest.raises(ValueError, match="memory_budget_mb=1 is too small"):
         index.ivf_codec(512, 1_000_000, 1)
-    assert index.ivf_list_count(1_000_000) == 4096
+    assert index.ivf_list_count(1_000_000) == 1024  # about sqrt(N)
+    assert index.ivf_list_count(100_000) == 256
     assert index.ivf_list_count(100) == 2  # at least 39 training points per list
+
+
+def test_nprobe_steps_grow_by_at_most_half_and_end_at_every_list():
+    steps = index.nprobe_steps(1024)
+    assert steps[:6] == [1, 2, 3, 4, 6, 8] and steps[-1] == 1024
+    assert all(later / earlier <= 1.5 for earlier, later in zip(steps[1:], steps[2:]))
+    assert index.nprobe_steps(1) == [1] and index.nprobe_steps(5) == [1, 2, 3, 4, 5]
+
+
+def test_build_recall_estimate_matches_held_out_queries():
+    # The estimate uses stored vectors as queries; counting each as its own first neighbour (always found)
+    # would claim 0.27 here (one probe of 64 lists) where held-out queries get 0.16.
+    import faiss
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((5000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    stored, held_out = vectors[:4000], vectors[4000:]
+    ids = np.arange(4000, dtype=np.int64)
+    approximate, details = index._build_faiss(stored, ids, exact_limit=0, memory_budget_mb=64, target_recall=0.0)
+    assert details["nprobe"] == 1
+    _, true_rows = faiss.knn(held_out, stored, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    _, found = approximate.search(held_out, 10)
+    assert details["recall_at_10"] == pytest.approx(index.recall_at_k(found, true_rows, 10), abs=0.05)
+
+
+def test_batched_pixel_conversion_equals_to_tensor():
+    from PIL import Image
+
+    from clipdalle.transforms import to_tensor
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    images = index.pixels_to_images(pixels, 8)
+    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.float32
+    for row, array in zip(images, pixels):
+        assert torch.equal(row, to_tensor(Image.fromarray(array)))
+    assert index.pixels_to_images([], 8).shape == (0, 3, 8, 8)
 
 
 def test_recall_at_k_counts_overlap():

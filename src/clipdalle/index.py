@@ -48,11 +48,14 @@ META_FILE = "meta.sqlite"
 FAISS_FILE = "faiss.index"
 CHUNKS_DIR = "chunks"
 CHUNK_SIZE = 16_384  # samples per chunk: at most this much work is redone after a kill (8 MB at 512-d float16)
-EXACT_LIMIT = 20_000  # exact search scans 20k x 512 float32 (40 MB) per query: about 2-4 ms on one core
-MEMORY_BUDGET_MB = 2048  # codes of the approximate index must fit this: 1M x 512-d float32 does not, 8-bit does
+EXACT_LIMIT = 9_999  # exact single-query p50 at 512-d: 1.1 ms at 9,999 vectors, 30-80 ms at 10,000 on a busy
+# 2-core machine, where faiss starts splitting one query's scan over OpenMP threads that wait on each other
+# (1.7-2.9 ms at 12-16k on one thread): exact search stops meeting a 2 ms p50 here (RESULTS.md, Search)
+MEMORY_BUDGET_MB = 2048  # codes + ids of the approximate index: 1M x 512-d float32 (1,961 MB) fits, more is 8-bit
 TARGET_RECALL = 0.95  # nprobe is raised until recall@10 vs exact search reaches this on the sample
 RECALL_QUERIES = 500  # stored vectors used as queries to measure recall@10
 TRAINING_POINTS_PER_LIST = 64  # k-means sample per inverted list (faiss warns below 39)
+KMEANS_ITERATIONS = 10  # faiss's default is 25; 10 already meets the recall target at 1M (RESULTS.md, Search)
 DEFAULT_THRESHOLD = 0.25  # cosine above which an image is flagged for a concept with no threshold given
 
 _SCHEMA = """
@@ -89,10 +92,23 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
 
 
 def ivf_list_count(count: int) -> int:
-    """Inverted lists for `count` vectors: about 4 sqrt(N) (faiss's guideline), a power of two, and at least
-    39 training points per list so k-means is well posed."""
-    wanted = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
+    """Inverted lists for `count` vectors: about sqrt(N), a power of two, and at least 39 training points per
+    list so k-means is well posed. A query costs nlist (coarse search) + nprobe * N / nlist (list scans) dot
+    products, least at nlist = sqrt(nprobe * N); on the clustered benchmark a 0.95 recall needs nprobe 1 at 1M
+    and 6 at 200k, and k-means costs grow as nlist^2, so faiss's 4-16 sqrt(N) would multiply the build time for
+    at most 0.2 ms per query on 2 cores (benchmarks/RESULTS.md, Search)."""
+    wanted = 2 ** round(math.log2(max(1.0, math.sqrt(count))))
     return int(max(1, min(wanted, count // 39)))
+
+
+def nprobe_steps(lists: int) -> list[int]:
+    """Candidate nprobe values 1, 2, 3, 4, 6, 8, 12, ... up to `lists`: steps of about 1.5x, so the tuned value
+    overshoots the latency it needs by at most half."""
+    steps, power = [], 1
+    while power < lists:
+        steps.extend(value for value in (power, power + power // 2) if value < lists and value not in steps)
+        power *= 2
+    return [*steps, lists]
 
 
 def ivf_codec(embed_dim: int, count: int, memory_budget_mb: float) -> str:
@@ -137,7 +153,7 @@ class _IndexStream(SampleStream):
 
     def _load(self, group: list[tuple[int, Record]]) -> dict:
         batch: dict[str, Any] = {name: [] for name in ("keys", "captions", "paths", "widths", "heights", "sha256s")}
-        images, skipped = [], 0
+        pixels, skipped = [], 0
         for _, record in group:
             try:
                 if record.error is not None:
@@ -147,17 +163,25 @@ class _IndexStream(SampleStream):
             except (BadImage, OSError):
                 skipped += 1
                 continue
-            images.append(to_tensor(resize_crop(image, self.image_size)))
+            pixels.append(np.asarray(resize_crop(image, self.image_size)))  # (H, W, 3) uint8, RGB
             batch["keys"].append(record.key)
             batch["captions"].append("\n".join(record.captions))
             batch["paths"].append(os.path.abspath(record.path) if record.path is not None else record.name)
             batch["widths"].append(image.width)
             batch["heights"].append(image.height)
             batch["sha256s"].append(hashlib.sha256(data).hexdigest())
-        empty = torch.zeros(0, 3, self.image_size, self.image_size)
-        batch["images"] = torch.stack(images) if images else empty  # (B, 3, H, W)
+        batch["images"] = pixels_to_images(pixels, self.image_size)
         batch["skipped"] = skipped
         return batch
+
+
+def pixels_to_images(pixels: list[np.ndarray], image_size: int) -> torch.Tensor:
+    """RGB uint8 arrays (H, W, 3) -> float images (B, 3, H, W) in [0, 1], converted as one batch: per-image
+    `to_tensor` calls cost more than decoding a 32 px PNG (bench_index_build.py)."""
+    if not pixels:
+        return torch.zeros(0, 3, image_size, image_size)
+    batch = torch.from_numpy(np.stack(pixels))  # (B, H, W, 3) uint8
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -185,7 +209,9 @@ def _completed_chunks(chunk_dir: Path, prefix: str, rank: int) -> int:
 def _write_chunk(chunk_dir: Path, name: str, features: np.ndarray, rows: list[dict], skipped: int) -> None:
     """The .npy first, then the .json that marks the chunk complete; both atomic."""
     _save_npy(chunk_dir / f"{name}.npy", features)
-    write_json(chunk_dir / f"{name}.json", {"rows": rows, "skipped": skipped})
+    # compact: json's indented output goes through its pure-Python encoder, several times slower
+    text = json.dumps({"rows": rows, "skipped": skipped}, ensure_ascii=False, separators=(",", ":"))
+    atomic_write(chunk_dir / f"{name}.json", lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def _embed_to_chunks(
@@ -256,25 +282,47 @@ def _chunk_files(chunk_dir: Path, prefix: str, world_size: int) -> list[Path]:
 
 def _insert_chunks(connection: sqlite3.Connection, chunk_jsons: list[Path], added: str) -> tuple[list[int], dict]:
     """Inserts the chunks' rows; an image whose sha256 is already stored is counted as a duplicate, not stored.
-    Returns the new ids and {"duplicates", "skipped"}."""
-    ids: list[int] = []
+    Returns the new ids and {"duplicates", "skipped"}. Call inside a transaction."""
     counts = {"duplicates": 0, "skipped": 0}
+    new_rows = []
+    seen: set[str] = set()  # sha256 of the images stored so far, or about to be
     for chunk_json in chunk_jsons:
-        values = json.loads(chunk_json.read_text())
-        features = np.load(chunk_json.with_suffix(".npy"), allow_pickle=False)
+        values = json.loads(chunk_json.read_text(encoding="utf-8"))
+        features = np.load(chunk_json.with_suffix(".npy"), allow_pickle=False).astype(np.float16)  # (N, D)
         counts["skipped"] += values["skipped"]
+        seen |= _stored_sha256s(connection, [row["sha256"] for row in values["rows"]])
         for row, feature in zip(values["rows"], features):
-            # Checked first rather than INSERT OR IGNORE, which would use up an id for every duplicate.
-            if connection.execute("SELECT 1 FROM images WHERE sha256 = ?", (row["sha256"],)).fetchone():
+            # Deduplicated here rather than by INSERT OR IGNORE, which would use up an id for every duplicate.
+            if row["sha256"] in seen:
                 counts["duplicates"] += 1
                 continue
-            cursor = connection.execute(
-                "INSERT INTO images (key, path, caption, width, height, sha256, added, embedding) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*(row[name] for name in _ROW_FIELDS), added, feature.astype(np.float16).tobytes()),
-            )
-            ids.append(int(cursor.lastrowid))
-    return ids, counts
+            seen.add(row["sha256"])
+            new_rows.append((*(row[name] for name in _ROW_FIELDS), added, feature.tobytes()))
+    last_id = _last_id(connection)
+    connection.executemany(
+        "INSERT INTO images (key, path, caption, width, height, sha256, added, embedding) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        new_rows,
+    )
+    # AUTOINCREMENT hands out consecutive ids to the rows of one transaction with no other writer
+    assert _last_id(connection) == last_id + len(new_rows), "ids of the inserted rows are not consecutive"
+    return list(range(last_id + 1, last_id + 1 + len(new_rows))), counts
+
+
+def _stored_sha256s(connection: sqlite3.Connection, sha256s: list[str]) -> set[str]:
+    """Those of `sha256s` already in the table (looked up 500 at a time through the UNIQUE index)."""
+    found: set[str] = set()
+    for start in range(0, len(sha256s), 500):
+        part = sha256s[start : start + 500]
+        query = f"SELECT sha256 FROM images WHERE sha256 IN ({','.join('?' * len(part))})"
+        found.update(sha256 for (sha256,) in connection.execute(query, part))
+    return found
+
+
+def _last_id(connection: sqlite3.Connection) -> int:
+    """The largest id ever handed out (AUTOINCREMENT never reuses one, even after deletes); 0 for a new table."""
+    row = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 # ------------------------------------------------------------------------------------------ faiss
@@ -295,24 +343,31 @@ def _build_faiss(
     lists = ivf_list_count(count)
     description = f"IVF{lists},{ivf_codec(embed_dim, count, memory_budget_mb)}"
     index = faiss.index_factory(embed_dim, description, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = KMEANS_ITERATIONS
     rng = np.random.default_rng(0)
-    # 64 points per list: k-means centroids are stable well before faiss's 256, at a quarter of the cost
     training = embeddings[np.sort(rng.choice(count, size=min(count, TRAINING_POINTS_PER_LIST * lists), replace=False))]
     index.train(training)
     index.add_with_ids(embeddings, ids)
-    queries = embeddings[np.sort(rng.choice(count, size=min(count, RECALL_QUERIES), replace=False))]
-    _, true_ids = faiss.knn(queries, embeddings, 10, metric=faiss.METRIC_INNER_PRODUCT)
-    true_ids = ids[true_ids]  # rows -> ids
+    # Stored vectors as queries, each left out of its own results: counting the query itself (always found)
+    # would overstate the recall that unseen queries get.
+    rows = np.sort(rng.choice(count, size=min(count, RECALL_QUERIES), replace=False))
+    _, true_rows = faiss.knn(embeddings[rows], embeddings, 11, metric=faiss.METRIC_INNER_PRODUCT)
+    true_ids = _without_self(np.where(true_rows >= 0, ids[true_rows], -1), ids[rows], 10)  # rows -> ids
     nprobe, recall = 1, 0.0
-    while True:
+    for nprobe in nprobe_steps(lists):
         index.nprobe = nprobe
-        _, found = index.search(queries, 10)
-        recall = recall_at_k(found, true_ids, 10)
-        if recall >= target_recall or nprobe >= lists:
+        _, found = index.search(embeddings[rows], 11)
+        recall = recall_at_k(_without_self(found, ids[rows], 10), true_ids, 10)
+        if recall >= target_recall:
             break
-        nprobe = min(lists, nprobe * 2)
-    details = {"index_type": description, "nprobe": nprobe, "recall_at_10": recall, "recall_queries": len(queries)}
+    details = {"index_type": description, "nprobe": nprobe, "recall_at_10": recall, "recall_queries": len(rows)}
     return index, details
+
+
+def _without_self(found_ids: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """The first k ids of each row (Q, k + 1) other than the row's own query id (Q, k)."""
+    kept = [[i for i in row if i != own][:k] for row, own in zip(found_ids.tolist(), query_ids.tolist())]
+    return np.array([row + [-1] * (k - len(row)) for row in kept], dtype=np.int64)
 
 
 def _write_faiss(path: Path, index: Any) -> None:
