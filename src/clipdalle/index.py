@@ -890,30 +890,35 @@ class Index:
 
 
 def read_concepts(path: str | Path) -> list[tuple[str, float | None]]:
-    """[(concept, threshold or None)] from lines `concept<TAB>threshold` (threshold optional; blank lines and
-    lines starting with # are skipped)."""
+    """[(concept, threshold or None)] from a concepts file (see `parse_concepts`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: concepts file not found")
+    return parse_concepts(path.read_text(encoding="utf-8-sig"), source=str(path))
+
+
+def parse_concepts(text: str, source: str = "concepts") -> list[tuple[str, float | None]]:
+    """[(concept, threshold or None)] from lines `concept<TAB>threshold` (threshold optional; blank lines and
+    lines starting with # are skipped); errors name `source` and the line."""
     concepts: list[tuple[str, float | None]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.split("\t")
         name = parts[0].strip()
         if not name or len(parts) > 2:
-            raise ValueError(f"{path}:{number}: expected 'concept' or 'concept<TAB>threshold', got {line!r}")
+            raise ValueError(f"{source}:{number}: expected 'concept' or 'concept<TAB>threshold', got {line!r}")
         threshold = None
         if len(parts) == 2 and parts[1].strip():
             try:
                 threshold = float(parts[1])
             except ValueError:
-                raise ValueError(f"{path}:{number}: threshold {parts[1].strip()!r} is not a number") from None
+                raise ValueError(f"{source}:{number}: threshold {parts[1].strip()!r} is not a number") from None
             if not -1.0 <= threshold <= 1.0:
-                raise ValueError(f"{path}:{number}: threshold {threshold} is not a cosine in [-1, 1]")
+                raise ValueError(f"{source}:{number}: threshold {threshold} is not a cosine in [-1, 1]")
         concepts.append((name, threshold))
     if not concepts:
-        raise ValueError(f"{path}: no concepts; expected one 'concept<TAB>threshold' per line")
+        raise ValueError(f"{source}: no concepts; expected one 'concept<TAB>threshold' per line")
     return concepts
 
 

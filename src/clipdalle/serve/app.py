@@ -15,7 +15,6 @@ import io
 import math
 import os
 import tarfile
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -593,16 +592,13 @@ def api_router(models: ServeModels, settings: ServeSettings, queue: GenerationQu
 
 
 def parse_concepts(text: str, limit: int, max_chars: int) -> list[tuple[str, float | None]]:
-    """Concepts as `clipdalle.index.read_concepts` reads a concepts file; errors name the form field."""
-    from ..index import read_concepts
+    """Concepts as a concepts file gives them (`clipdalle.index.parse_concepts`); errors name the form field."""
+    from .. import index
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "concepts"
-        path.write_text(text, encoding="utf-8")
-        try:
-            concepts = read_concepts(path)
-        except ValueError as error:
-            raise ApiError(422, str(error).replace(str(path), "concepts")) from None
+    try:
+        concepts = index.parse_concepts(text, source="concepts")
+    except ValueError as error:
+        raise ApiError(422, str(error)) from None
     if len(concepts) > limit:
         raise ApiError(422, f"concepts: got {len(concepts)}, more than this server's limit of {limit}")
     too_long = next((name for name, _ in concepts if len(name) > max_chars), None)
