@@ -261,8 +261,9 @@ def build_icons(
 ) -> dict:
     """Builds the dataset into `out` (see the module docstring) and returns the contents of info.json.
 
-    `names` restricts the build to some icons (tests); by default all 7,367 are drawn in the first `colours`
-    palette colours. Any previous build in `out` is removed first.
+    `names` restricts the build to some icons (the demo's DALL·E subset of training families, tests); each keeps
+    its split. By default all 7,367 are drawn in the first `colours` palette colours. Any previous build in `out`
+    is removed first.
     """
     from tqdm import tqdm
 
