@@ -2,7 +2,6 @@
 
 import copy
 import math
-import socket
 
 import pytest
 import torch
@@ -248,12 +247,6 @@ def test_clamp_logit_scale_after_step():
 # ------------------------------------------------------------------------------------------ distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _global_batch() -> dict:
     return {"images": colour_images(noise_seed=3, per_colour=2), "text": random_text(8, 16, seed=4)}
 
@@ -265,9 +258,10 @@ def _losses_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tenso
     return loss.detach(), {name: param.grad.clone() for name, param in module.named_parameters()}
 
 
-def _distributed_worker(rank: int, world: int, port: int, result_path: str) -> None:
+def _distributed_worker(rank: int, world: int, store_path: str, result_path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store, not a TCP port: a port probed free can be taken before rank 0 binds it.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         results = {}
         for loss_name in ("contrastive", "siglip"):
@@ -286,7 +280,8 @@ def _distributed_worker(rank: int, world: int, port: int, result_path: str) -> N
 
 def test_two_process_gather_with_grad_equals_the_global_batch_loss_and_gradients(tmp_path):
     result_path = tmp_path / "result.pt"
-    torch.multiprocessing.spawn(_distributed_worker, args=(2, _free_port(), str(result_path)), nprocs=2)
+    store_path = tmp_path / "store"
+    torch.multiprocessing.spawn(_distributed_worker, args=(2, str(store_path), str(result_path)), nprocs=2)
     results = torch.load(result_path, weights_only=True)
     for loss_name in ("contrastive", "siglip"):
         expected_loss, expected_grads = _losses_and_grads(tiny_model(seed=5, loss=loss_name), _global_batch())

@@ -233,18 +233,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     write_generation(generation, args.out, n_col=args.keep or args.n)
 
 
-def parse_box(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise ValueError(f"--box {text!r}: expected x0,y0,x1,y1 in pixels (end exclusive), e.g. 8,8,24,24")
-    return values
-
-
 def cmd_inpaint(args: argparse.Namespace) -> None:
-    from .sampling import inpaint, mask_from_image
+    from .sampling import inpaint, mask_from_image, parse_box
     from .transforms import load_image
 
     if (args.box is None) == (args.mask is None):
@@ -252,7 +242,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     model, vae, tokenizer, clip_bundle = load_dalle_bundle(args)
     size = vae.config.image_size
     image = load_image(args.image, size)
-    region = parse_box(args.box) if args.box else mask_from_image(args.mask, size)
+    region = parse_box(args.box, "--box") if args.box else mask_from_image(args.mask, size)
     generation = inpaint(
         model, vae, tokenizer, image, region, args.prompt, n=args.n, keep=args.keep, clip=clip_bundle,
         **sampling_options(args),

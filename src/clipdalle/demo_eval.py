@@ -242,7 +242,9 @@ def quality_bar(metrics: dict[str, Any], vae_eval: dict[str, Any] | None, preset
         add(
             f"Reranking helps shape, {label}",
             "best-of-n median rank < per-sample",
-            f"{best:g} vs {per_sample:g}",
+            f"median {best:g} vs {per_sample:g}; rank 1: {100 * shape['best_of_n']['within_1']:.1f} % vs "
+            f"{100 * shape['per_sample']['within_1']:.1f} %; top 10: {100 * shape['best_of_n']['within_10']:.1f} % vs "
+            f"{100 * shape['per_sample']['within_10']:.1f} %",
             best < per_sample,
         )
         precision = figures["r_precision"]

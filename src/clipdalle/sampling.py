@@ -480,6 +480,17 @@ def variations(
 # ------------------------------------------------------------------------------------------ regions
 
 
+def parse_box(text: str, name: str = "box") -> list[int]:
+    """ "x0,y0,x1,y1" (pixels, end exclusive) -> [x0, y0, x1, y1]; a ValueError naming `name` otherwise."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"{name} {text[:40]!r}: expected x0,y0,x1,y1 in pixels (end exclusive), e.g. 8,8,24,24")
+    return values
+
+
 def region_mask(region: Sequence[int] | torch.Tensor, height: int, width: int) -> torch.Tensor:
     """A box (x0, y0, x1, y1) in pixels (end exclusive) or a mask (H, W) / (1, H, W) -> BoolTensor (H, W),
     True where to regenerate. A box must lie inside the image; a mask must match its size and select pixels."""

@@ -162,16 +162,6 @@ def box_in_model_pixels(box: list[int], width: int, height: int, size: int) -> l
     return mapped
 
 
-def parse_box(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise ApiError(422, f"box {text[:40]!r}: expected x0,y0,x1,y1 in pixels of the uploaded image, e.g. 8,8,24,24")
-    return values
-
-
 def parse_labels(text: str, limit: int, max_chars: int) -> list[str]:
     """Labels one per line, or comma-separated on one line; blanks and repeats dropped."""
     parts = text.splitlines() if "\n" in text.strip() else text.split(",")
@@ -521,12 +511,16 @@ def api_router(models: ServeModels, settings: ServeSettings, queue: GenerationQu
         keep: int | None = Form(None),
     ) -> dict:
         from ..sampling import inpaint as sample_inpaint
+        from ..sampling import parse_box
         from ..transforms import resize_crop, to_tensor
 
         need_dalle()
         prompt = check_text("prompt", prompt, allow_empty=True)
         keep = check_samples(n, keep)
-        region = parse_box(box)
+        try:
+            region = parse_box(box)
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
         data = await read_upload(image, settings.max_upload_bytes, "image")
         size = models.image_size
 
