@@ -274,6 +274,7 @@ def _distributed_worker(rank: int, world: int, store_path: str, result_path: str
             results[loss_name] = (loss / world, grads)
         if rank == 0:
             torch.save(results, result_path)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

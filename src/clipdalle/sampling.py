@@ -403,22 +403,8 @@ def inpaint(
         )
     cells = cells_in_region(mask, vae.config.grid_size)  # (h, w)
     radius = max(1, cell_size // 4) if blend_radius is None else blend_radius
-    with _eval_mode(model, vae):
-        original = vae.encode(image.to(_device_of(vae)))  # (1, h, w)
-        generation = _resample(
-            model,
-            vae,
-            tokenizer,
-            original,
-            cells,
-            prompt,
-            n,
-            keep,
-            clip,
-            seed,
-            batch_size,
-            dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale),
-        )
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+    generation = _resample(model, vae, tokenizer, image, cells, prompt, n, keep, clip, seed, batch_size, settings)
     alpha = blend_weights(mask, radius).to(generation.images)  # (H, W)
     source = image.to(generation.images)
     blended = source * (1 - alpha) + generation.images * alpha  # (M, 3, H, W)
@@ -459,22 +445,8 @@ def variations(
     image = _check_image(image, vae)
     cells = torch.zeros(grid, grid, dtype=torch.bool)
     cells[keep_rows:] = True
-    with _eval_mode(model, vae):
-        original = vae.encode(image.to(_device_of(vae)))  # (1, h, w)
-        return _resample(
-            model,
-            vae,
-            tokenizer,
-            original,
-            cells,
-            prompt,
-            n,
-            keep,
-            clip,
-            seed,
-            batch_size,
-            dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale),
-        )
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+    return _resample(model, vae, tokenizer, image, cells, prompt, n, keep, clip, seed, batch_size, settings)
 
 
 # ------------------------------------------------------------------------------------------ regions
@@ -663,7 +635,7 @@ def _resample(
     model: DALLE,
     vae: nn.Module,
     tokenizer: Any,
-    original: torch.Tensor,
+    image: torch.Tensor,
     cells: torch.Tensor,
     prompt: str,
     n: int,
@@ -673,17 +645,19 @@ def _resample(
     batch_size: int,
     settings: dict,
 ) -> Generation:
-    """n samples with the codes of `cells` (h, w) resampled and the rest of `original` (1, h, w) kept."""
+    """n samples of `image` (1, 3, H, W) with the codes of `cells` (h, w) resampled and its other codes kept."""
     device = model.start_of_image_embedding.device
     text = encode_prompts(tokenizer, [prompt], model.config.text_length).to(device)  # (1, T)
     base = seed if seed is not None else secrets.randbelow(2**31)
     seeds = [base + index for index in range(n)]
-    given = original.reshape(1, -1).to(device).expand(n, -1)  # (n, N)
-    codes, log_likelihood = _sample_batches(
-        model, text.expand(n, -1), seeds, batch_size, settings, given=given, resample=cells.reshape(-1)
-    )  # text (n, T), resample (h*w,)
-    images = _decode_batches(vae, codes, batch_size)
-    return _select(images, codes, [prompt] * n, seeds, log_likelihood, clip, n, keep, vae.config.grid_size)
+    with _eval_mode(model, vae):
+        original = vae.encode(image.to(_device_of(vae)))  # (1, h, w)
+        given = original.reshape(1, -1).to(device).expand(n, -1)  # (n, N)
+        codes, log_likelihood = _sample_batches(
+            model, text.expand(n, -1), seeds, batch_size, settings, given=given, resample=cells.reshape(-1)
+        )  # text (n, T), resample (h*w,)
+        images = _decode_batches(vae, codes, batch_size)
+        return _select(images, codes, [prompt] * n, seeds, log_likelihood, clip, n, keep, vae.config.grid_size)
 
 
 def _select(
