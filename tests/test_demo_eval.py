@@ -271,3 +271,11 @@ def test_quality_bar_judges_each_target(evaluated):
     small = {row["name"]: row for row in demo_eval.quality_bar(metrics, None, "small")}
     assert small["Shape: median rank of the named icon, best of 4, seen icons"]["pass"] is False  # <= 20
     assert small["dVAE reconstructions of validation icons, right colour"]["pass"] is None
+    at_floor = seen["shape_rank"]
+    at_floor["best_of_n"].update(median=1.0, within_1=0.9, within_10=0.97)
+    at_floor["per_sample"].update(median=1.0, within_1=0.8, within_10=0.91)
+    rows = {row["name"]: row for row in demo_eval.quality_bar(metrics, None, "demo")}
+    assert rows["Reranking helps shape, seen icons"]["pass"] is True  # medians tie at 1: more at rank 1
+    at_floor["best_of_n"].update(within_1=0.79, within_10=0.92)
+    rows = {row["name"]: row for row in demo_eval.quality_bar(metrics, None, "demo")}
+    assert rows["Reranking helps shape, seen icons"]["pass"] is False  # the demo's run before CLIP got 1,800 steps
