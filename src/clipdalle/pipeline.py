@@ -295,6 +295,8 @@ def run_jobs(jobs: list[Job]) -> None:
                     process.kill()
                     process.wait()
             follower.join(timeout=5)
+            if not follower.is_alive():  # the follower reads the pipe until EOF; closing it under it would race
+                process.stdout.close()
             bar.close()
 
 
