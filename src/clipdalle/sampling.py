@@ -113,6 +113,7 @@ def choose_codes(
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
+    logits = logits.float()  # the running sum over thousands of codes is not for half precision
     cumulative = (logits - logits.amax(dim=-1, keepdim=True)).exp_().cumsum(dim=-1)  # (B, V), unnormalised
     # u < 1 makes u * total < total in floating point too (it never rounds up), so the first code whose cumulative
     # sum exceeds it exists and has a probability above 0
