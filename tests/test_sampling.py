@@ -9,6 +9,7 @@ from clipdalle.dalle import DALLE, PAD_ID, DALLEConfig, empty_captions, loss_fn
 from clipdalle.dvae import DiscreteVAE, DVAEConfig
 from clipdalle.sampling import (
     Decoder,
+    SampleNoise,
     best_per_group,
     blend_weights,
     cells_in_region,
@@ -21,7 +22,6 @@ from clipdalle.sampling import (
     mask_from_image,
     region_mask,
     sample_codes,
-    sample_uniforms,
     top_k_filter,
     top_p_filter,
     variations,
@@ -106,34 +106,33 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 def test_choose_codes_greedy_temperature_and_filters():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
-    # row 0: cumulative probabilities 0.04, 0.88, 1; row 1: 0.79, 0.89, 1
-    assert choose_codes(logits, torch.tensor([0.99, 0.5]), temperature=0).tolist() == [1, 0]  # greedy ignores u
-    assert choose_codes(logits, torch.tensor([0.99, 0.85])).tolist() == [2, 1]
-    assert choose_codes(logits, torch.tensor([0.0, 0.0])).tolist() == [0, 0]
-    assert choose_codes(logits, torch.tensor([0.99, 0.85]), top_k=1).tolist() == [1, 0]  # filtered: never drawn
-    edge = torch.tensor([1 - 2**-24])  # the largest u below 1 does not reach the filtered last code
-    assert choose_codes(torch.tensor([[3.0, 1.0, 0.0]]), edge, top_k=2).tolist() == [1]
     noise = torch.tensor([[0.0, 0.0, 10.0], [0.0, 5.0, 0.0]])
+    assert choose_codes(logits, noise, temperature=0).tolist() == [1, 0]  # greedy ignores noise
+    assert choose_codes(logits, noise).tolist() == [2, 1]
+    assert choose_codes(logits, noise, top_k=1).tolist() == [1, 0]  # filtered codes are never drawn
     assert torch.equal(guided_logits(logits, noise, 0.0), noise)
     torch.testing.assert_close(guided_logits(logits, noise, 3.0), noise + 3 * (logits - noise))
 
 
-def test_sampling_matches_the_softmax():
-    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf")]]).expand(20000, 4)
-    uniform = sample_uniforms(range(20000), 1)[:, 0]
-    counts = torch.bincount(choose_codes(logits, uniform), minlength=4).float() / 20000
+def test_gumbel_sampling_matches_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
+    noise = SampleNoise(range(20000), 3, 1).at(0)
+    counts = torch.bincount(choose_codes(logits, noise), minlength=3).float() / 20000
     torch.testing.assert_close(counts, logits[0].softmax(-1), atol=0.015, rtol=0)
-    halved = torch.bincount(choose_codes(logits, uniform, temperature=2.0), minlength=4).float() / 20000
+    halved = torch.bincount(choose_codes(logits, noise, temperature=2.0), minlength=3).float() / 20000
     torch.testing.assert_close(halved, (logits[0] / 2).softmax(-1), atol=0.015, rtol=0)
-    assert counts[3] == 0
 
 
-def test_sample_uniforms_depend_only_on_the_seed():
-    alone = sample_uniforms([7], 16)
-    batched = sample_uniforms([3, 7, 9], 16)
-    assert batched.shape == (3, 16) and torch.equal(alone[0], batched[1])
-    assert not torch.equal(batched[0], batched[2])
-    assert ((batched >= 0) & (batched < 1)).all()
+def test_sample_noise_depends_only_on_the_seed():
+    alone = SampleNoise([7], 40, 16)
+    batched = SampleNoise([3, 7, 9], 40, 16)
+    for index in (0, 1, 5):
+        assert torch.equal(alone.at(index)[0], batched.at(index)[1])
+    assert not torch.equal(batched.at(5)[0], batched.at(5)[1])
+    big = SampleNoise([7], 70000, 16)  # one code index per chunk; skipping indices still aligns the stream
+    skipped, stepped = big.at(2), SampleNoise([7], 70000, 16)
+    stepped.at(0), stepped.at(1)
+    assert torch.equal(skipped, stepped.at(2))
 
 
 def test_best_per_group_orders_each_group():
@@ -195,7 +194,7 @@ def test_cached_decoding_equals_full_forward_at_every_step(model, tokenizer, con
 
 def reference_sample(model, text, seeds, cond_scale=1.0, top_k=None, temperature=1.0):
     """Sampling without a cache: a full forward pass per code."""
-    uniforms = sample_uniforms(seeds, model.config.image_length)
+    noise = SampleNoise(seeds, model.config.image_vocab_size, model.config.image_length)
     codes = torch.zeros(text.shape[0], 0, dtype=torch.long)
     with torch.no_grad():
         for cell in range(model.config.image_length):
@@ -203,7 +202,7 @@ def reference_sample(model, text, seeds, cond_scale=1.0, top_k=None, temperature
             if cond_scale != 1:
                 uncond = model(empty_captions(text.shape[0], model.config), codes)[1][:, cell]
                 logits = guided_logits(logits, uncond, cond_scale)
-            chosen = choose_codes(logits, uniforms[:, cell], temperature, top_k)
+            chosen = choose_codes(logits, noise.at(cell), temperature, top_k)
             codes = torch.cat([codes, chosen[:, None]], dim=1)
     return codes
 

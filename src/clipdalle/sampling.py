@@ -3,8 +3,8 @@
 The caption goes through the transformer once, then the codes are decoded one position per step with a
 preallocated key/value cache per layer (clipdalle.layers.KVCache), many prompts and samples in one batch.
 Each step's logits over the image codebook pass through pure filters (temperature, top-k, top-p) and a code
-is drawn by inverse transform sampling with one uniform per code from one random generator per sample, so a
-sample depends only on its seed: `Generation.seeds[i]` regenerates image i on its own (`n=1, seed=seeds[i]`).
+is drawn by the Gumbel-max trick from noise that comes from one random generator per sample, so a sample
+depends only on its seed: `Generation.seeds[i]` regenerates image i on its own (`n=1, seed=seeds[i]`).
 
 Classifier-free guidance (Ho & Salimans 2022; for DALL·E, Crowson): the conditional streams and as many
 unconditional ones (the empty caption, which caption dropout trained) run in one batch of 2B rows, each row
@@ -39,6 +39,7 @@ from .checkpoint import unwrap
 from .dalle import DALLE, PAD_ID, ImageStep, empty_captions
 
 DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
+NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
 
 
 @dataclass
@@ -95,6 +96,11 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
     return uncond + scale * (cond - uncond)
 
 
+def gumbel_noise(uniform: torch.Tensor) -> torch.Tensor:
+    """-log(-log(u)) for u uniform in [0, 1): argmax(logits + noise) samples from softmax(logits)."""
+    return -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+
+
 def code_log_probs(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """log p(code) under softmax(logits): logits (..., V), codes (...) -> (...)."""
     return logits.log_softmax(-1).gather(-1, codes[..., None])[..., 0]
@@ -102,33 +108,44 @@ def code_log_probs(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 def choose_codes(
     logits: torch.Tensor,
-    uniform: torch.Tensor,
+    noise: torch.Tensor,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> torch.Tensor:
-    """Draws one code per row of logits (B, V) by inverse transform sampling with uniform (B,) in [0, 1):
-    temperature, then top-k, then top-p, then the first code whose cumulative probability exceeds u. A filtered
-    code (probability 0) is never drawn. temperature 0 is greedy: the most likely code, uniform unused."""
+    """Draws one code per row of logits (B, V) with Gumbel noise (B, V): temperature, then top-k, then top-p,
+    then argmax(logits + noise). temperature 0 is greedy: the most likely code, noise unused."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
-    logits = logits.float()  # the running sum over thousands of codes is not for half precision
-    cumulative = (logits - logits.amax(dim=-1, keepdim=True)).exp_().cumsum(dim=-1)  # (B, V), unnormalised
-    # u < 1 makes u * total < total in floating point too (it never rounds up), so the first code whose cumulative
-    # sum exceeds it exists and has a probability above 0
-    target = uniform[:, None].to(cumulative.dtype) * cumulative[:, -1:]  # (B, 1)
-    return torch.searchsorted(cumulative, target, right=True)[:, 0]
+    return (logits + noise).argmax(dim=-1)
 
 
-# ------------------------------------------------------------------------------------------ randomness per sample
+# ------------------------------------------------------------------------------------------ noise per sample
 
 
-def sample_uniforms(seeds: Sequence[int], length: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniforms (B, length) in [0, 1), one per code of each sample, row i drawn from a generator seeded with
-    seeds[i]: a sample's codes do not depend on the batch it runs in or on the samples beside it."""
-    rows = [torch.rand(length, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-    return torch.stack(rows).to(device) if rows else torch.empty(0, length, device=device)
+class SampleNoise:
+    """Gumbel noise (B, V) for each of `length` code indices, from one generator per sample seeded with its seed,
+    so a sample's draws do not depend on the batch it runs in. Indices must be asked in increasing order."""
+
+    def __init__(self, seeds: Sequence[int], vocab_size: int, length: int, device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self.vocab_size = vocab_size
+        self.device = device
+        self.chunk = min(length, max(1, NOISE_CHUNK_ELEMENTS // vocab_size))  # code indices per draw
+        self.loaded = -1  # index of the chunk in `block`
+        self.block: torch.Tensor | None = None  # (B, chunk, V)
+
+    def at(self, index: int) -> torch.Tensor:
+        """Noise (B, V) for code index `index`."""
+        wanted = index // self.chunk
+        if wanted < self.loaded:
+            raise ValueError(f"SampleNoise: index {index} asked after a later chunk was drawn")
+        while self.loaded < wanted:  # skipped chunks are drawn too: each sample's stream stays aligned to its seed
+            uniform = torch.stack([torch.rand(self.chunk, self.vocab_size, generator=g) for g in self.generators])
+            self.loaded += 1
+            self.block = gumbel_noise(uniform).to(self.device) if self.loaded == wanted else None  # (B, chunk, V)
+        return self.block[:, index % self.chunk]
 
 
 # ------------------------------------------------------------------------------------------ incremental decoding
@@ -220,7 +237,7 @@ def sample_codes(
             raise ValueError(f"sample_codes: resample must have {N} entries and comes with given codes (B, {N})")
         given = given.reshape(B, N).to(text.device)  # (B, N)
     fixed = [False] * N if resample is None else (~resample).tolist()
-    uniforms = sample_uniforms(seeds, N, text.device)  # (B, N)
+    noise = SampleNoise(seeds, model.config.image_vocab_size, N, text.device)
     codes = torch.empty(B, N, dtype=torch.long, device=text.device)
     log_likelihood = torch.zeros(B, device=text.device)
     with torch.inference_mode():  # no autograd bookkeeping on the ~90 small ops per step; outputs are made outside
@@ -234,7 +251,7 @@ def sample_codes(
                     end += 1
                 codes[:, cell:end] = given[:, cell:end]
             else:
-                codes[:, cell] = choose_codes(logits, uniforms[:, cell], temperature, top_k, top_p)
+                codes[:, cell] = choose_codes(logits, noise.at(cell), temperature, top_k, top_p)
             log_likelihood += code_log_probs(cond, codes[:, cell])
             if end == cell + 1 and end < N:  # one code: the sampler's inner loop
                 logits, cond = decoder.step(codes[:, cell], cell)  # for code cell + 1
