@@ -200,7 +200,7 @@ class SelfAttention(nn.Module):
             past = len(cache)
             cached_k, cached_v = cache.append(k, v)  # (B, nh, past + T, hs)
             if past > 0:  # with nothing before them, the new k, v are all there is: SDPA's fast path takes them
-                k, v = cached_k, cached_v  # (the cache's keys are a transposed view, which SDPA's math path reads)
+                k, v = cached_k, cached_v  # views of the filled part of the cache
             if is_causal and past > 0:
                 # SDPA's is_causal aligns the triangle top-left; new queries sit at the end (bottom-right).
                 mask = merge_masks(causal_mask(T, past + T, device=x.device), mask)
