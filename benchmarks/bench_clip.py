@@ -12,7 +12,7 @@ largest id, found by argmax pooling in both), zero-padded to the context length:
 captions are. fp32, 2 threads.
 
 Figures: training pairs/s at batch 128 (forward, symmetric contrastive loss, backward, AdamW step, logit-scale
-clamp; ours through `clipdalle.clip.loss_fn`, theirs through `open_clip.ClipLoss`), encode_image and
+clamp; ours through `clipdalle.training.objectives.clip_loss`, theirs through `open_clip.ClipLoss`), encode_image and
 encode_text per second at batch 256 (ViT-B/32: batch 32), under torch.no_grad. Each is also given as a fraction
 of the fp32 matmul rate (1024 x 1024) measured in every round of the same run: FLOPs are 2 x the multiply-adds
 of the forward's matmuls (patch embedding, projections, attention scores and mixing, MLP, logits), training is
@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 from machine import matmul_gflops
 
-from clipdalle.clip import CLIP, CLIPConfig, loss_fn
+from clipdalle.models.clip import CLIP, CLIPConfig
+from clipdalle.training.objectives import clip_loss as loss_fn
 
 VOCAB, START_ID, END_ID = 49408, 49406, 49407  # OpenAI's BPE: <|startoftext|>, <|endoftext|> (the largest id)
 CAPTION_WORDS = (6, 12)  # word tokens per caption, inclusive: 8-14 tokens with the start and end markers

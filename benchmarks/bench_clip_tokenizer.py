@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from clipdalle.clip_tokenizer import MERGES_FILE, ClipTokenizer
+from clipdalle.tokenizers.clip_bpe import MERGES_FILE, ClipTokenizer
 
 ADJECTIVES = "small big red blue green yellow orange purple black white old new shiny fluffy wooden metal tiny".split()
 NOUNS = (

@@ -6,8 +6,8 @@ Identical configuration: captions of 32 tokens from a 1,000-token vocabulary, 8x
 token shift, GEGLU feed-forward, one joint output layer over text + image ids).
 
 - Training: sequences/s of forward + backward + Adam step through each library's loss (ours
-  `clipdalle.dalle.loss_fn`, theirs `dalle(text, codes, return_loss=True)`), batch 32, with attention `full`
-  and with the cycle `full,row,col,conv` (theirs: full, axial_row, axial_col, conv_like).
+  `clipdalle.training.objectives.dalle_loss`, theirs `dalle(text, codes, return_loss=True)`), batch 32, with
+  attention `full` and with the cycle `full,row,col,conv` (theirs: full, axial_row, axial_col, conv_like).
 - Our training FLOP/s, counted as 6 x non-embedding parameters x positions per sequence (96), as a fraction
   of the fp32 matmul rate measured in the same run.
 - Generation: images/s of text -> codes -> dVAE decode at batch 8 and 64, temperature 1, no filtering (theirs:
@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from machine import matmul_gflops
 
-from clipdalle.dalle import DALLE, DALLEConfig, loss_fn
-from clipdalle.dvae import DiscreteVAE, DVAEConfig
+from clipdalle.models.dalle import DALLE, DALLEConfig
+from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
 from clipdalle.sampling import sample_codes
+from clipdalle.training.objectives import dalle_loss as loss_fn
 
 TEXT_LENGTH, TEXT_VOCAB, IMAGE_VOCAB, IMAGE_SIZE, LAYERS = 32, 1000, 512, 32, 2
 WIDTH, DEPTH, HEADS, HEAD_SIZE = 256, 4, 8, 32

@@ -25,10 +25,10 @@ import torch
 from machine import matmul_gflops
 
 from clipdalle import checkpoint, index
-from clipdalle.clip import CLIP, CLIPConfig
 from clipdalle.config import from_dict, load_preset
 from clipdalle.data.sources import open_source
-from clipdalle.tokenizer import CaptionTokenizer
+from clipdalle.models.clip import CLIP, CLIPConfig
+from clipdalle.tokenizers import CaptionTokenizer
 from clipdalle.transforms import decode_image, resize_crop, to_tensor
 
 

@@ -3,7 +3,7 @@
 Data like real CLIP embeddings: `--centres` random unit centres, each vector a centre plus Gaussian noise,
 normalised (uniformly random vectors have no neighbourhoods, so every index looks bad or every index looks
 good). Held-out queries are drawn the same way. Our approximate index is built by the very function
-`build_index` uses (`clipdalle.index._build_faiss`: IVF sized to `--memory-budget-mb`, nprobe tuned to
+`build_index` uses (`clipdalle.index.faiss_index.build_faiss`: IVF sized to `--memory-budget-mb`, nprobe tuned to
 recall@10 >= 0.95 on stored vectors); recall here is measured independently on the held-out queries.
 
 autofaiss (the index builder clip-retrieval uses) runs in another virtualenv (`--autofaiss-python`, default
@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 from machine import matmul_gflops
 
-from clipdalle import index
+from clipdalle.index import faiss_index as index
 
 # save_on_disk=False: with numpy 2 autofaiss 2.18's own save fails (json.dump of numpy float32 metrics; numpy 2
 # keeps float32 * float as float32, numpy 1 made a float64, which json accepts). The index is written here.
@@ -166,7 +166,7 @@ def main() -> None:
 
     before = peak_rss_mb()
     start = time.perf_counter()
-    ours, details = index._build_faiss(
+    ours, details = index.build_faiss(
         vectors, ids, exact_limit=0, memory_budget_mb=args.memory_budget_mb, target_recall=index.TARGET_RECALL
     )
     build = time.perf_counter() - start

@@ -4,8 +4,8 @@ Matched configurations (as DALLE-pytorch names them): 32 px with 2 layers and 64
 8x8 grid), num_tokens 512, codebook_dim 256, hidden_dim 64, 1 residual block, batch 64, Adam, fp32, 2 threads,
 random images in [0, 1]. Our "gumbel" variant does the same work as theirs (gumbel-softmax relaxation, KL term);
 our "vq" variant is reported alongside. Training = forward + backward + Adam step through each library's own loss
-(ours: `clipdalle.dvae.loss_fn`, theirs: `vae(images, return_loss=True)`); encoding = ours `encode`, theirs
-`get_codebook_indices`. Ours and theirs alternate (A B A B ... after a warmup) and the table reports the median
+(ours: `clipdalle.training.objectives.vae_loss`, theirs: `vae(images, return_loss=True)`); encoding = ours `encode`,
+theirs `get_codebook_indices`. Ours and theirs alternate (A B A B ... after a warmup) and the table reports the median
 of the per-pair ratios, because this machine's speed drifts by tens of percent within minutes.
 
 Needs the reference venv (see /work/shared/bench/README.md); not a test, not run in CI:
@@ -25,7 +25,8 @@ import torch
 from machine import matmul_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipdalle.dvae import DiscreteVAE, DVAEConfig, loss_fn
+from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
+from clipdalle.training.objectives import vae_loss as loss_fn
 
 CONFIGS = [(32, 2), (64, 3)]  # (image_size, downsampling layers)
 VOCAB_SIZE, CODEBOOK_DIM, HIDDEN, RESBLOCKS = 512, 256, 64, 1

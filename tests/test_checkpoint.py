@@ -25,7 +25,7 @@ class Toy(torch.nn.Module):
 
 @pytest.fixture(autouse=True)
 def register_toy(monkeypatch):
-    monkeypatch.setitem(checkpoint.MODEL_CLASSES, "toy", f"{__name__}:Toy")
+    monkeypatch.setitem(checkpoint.MODEL_CLASSES, "toy", Toy)
 
 
 def test_save_and_load_model_is_bit_equal(tmp_path):

@@ -3,8 +3,8 @@ import torch
 
 from clipdalle.clip import CLIP, CLIPConfig
 from clipdalle.config import build_config, load_preset
-from clipdalle.dvae import DiscreteVAE, DVAEConfig
 from clipdalle.guide import cutouts, guide, spherical_distance
+from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
 
 
 class Letters:

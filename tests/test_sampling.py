@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from clipdalle.clip import CLIP, CLIPConfig
-from clipdalle.dalle import DALLE, PAD_ID, DALLEConfig, empty_captions, loss_fn
-from clipdalle.dvae import DiscreteVAE, DVAEConfig
+from clipdalle.models.dalle import DALLE, PAD_ID, DALLEConfig, empty_captions
+from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
 from clipdalle.sampling import (
     Decoder,
     SampleNoise,
@@ -26,7 +26,8 @@ from clipdalle.sampling import (
     top_p_filter,
     variations,
 )
-from clipdalle.tokenizer import CaptionTokenizer
+from clipdalle.tokenizers import CaptionTokenizer
+from clipdalle.training.objectives import dalle_loss as loss_fn
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a black cross"]
 TEXT_LENGTH = 16

@@ -14,11 +14,7 @@ rename forward, so resuming never pairs weights of one step with optimizer state
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,77 +23,30 @@ from safetensors import safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
+from .config import from_dict, to_dict
+from .io import atomic_write, fsync, read_json, write_json
+from .models import MODEL_CLASSES
+from .runtime import unwrap
+from .tokenizers import CaptionTokenizer
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TRAIN_STATE_FILE = "train_state.pt"
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-# model_type -> "module:Class"; imported on demand so this module stays below the model modules.
-MODEL_CLASSES = {
-    "dvae": "clipdalle.dvae:DiscreteVAE",
-    "clip": "clipdalle.clip:CLIP",
-    "dalle": "clipdalle.dalle:DALLE",
-}
-
-
-# ------------------------------------------------------------------------------------------ atomic writes
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Calls `write(temporary_path)`, then renames the temporary file to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
-    try:
-        write(Path(temporary))
-        _fsync(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | Path, values: Any) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(values, indent=2) + "\n"))
-
-
-def _fsync(path: str | Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
 
 # ------------------------------------------------------------------------------------------ models
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def model_class(model_type: str) -> type:
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"unknown model_type {model_type!r}; expected one of {', '.join(MODEL_CLASSES)}")
-    module_name, class_name = MODEL_CLASSES[model_type].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return MODEL_CLASSES[model_type]
 
 
 def save_config(run_dir: str | Path, model: torch.nn.Module, train_config: Any = None) -> Path:
     """Writes RUN/config.json for `model` (which has `.model_type` and a dataclass `.config`)."""
-    from .config import to_dict
-
     model = unwrap(model)
     values = {
         "clipdalle": {"model_type": model.model_type, "format_version": FORMAT_VERSION},
@@ -116,20 +65,25 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     if not path.exists():
         raise ValueError(f"{run_dir}: not a clipdalle run (no {CONFIG_FILE})")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    header = values.get("clipdalle") if isinstance(values, dict) else None
+    values = read_json(path)
+    header = values.get("clipdalle")
     if not isinstance(header, dict) or "model_type" not in header:
-        found = f"model_type {values.get('model_type')!r}" if isinstance(values, dict) else "no object"
-        raise ValueError(f"{path}: not a clipdalle run config (no 'clipdalle' section; found {found})")
+        found = values.get("model_type")
+        raise ValueError(f"{path}: not a clipdalle run config (no 'clipdalle' section; found model_type {found!r})")
     if header.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {header['format_version']} is newer than this clipdalle "
             f"({FORMAT_VERSION}); upgrade clipdalle"
         )
     return values
+
+
+def is_run(path: str | Path) -> bool:
+    """True for a directory holding a clipdalle run (a config.json with the 'clipdalle' header), of any type."""
+    try:
+        return isinstance(read_json(Path(path) / CONFIG_FILE).get("clipdalle"), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def model_type_of(run_dir: str | Path) -> str:
@@ -168,18 +122,22 @@ def save_model(run_dir: str | Path, model: torch.nn.Module, train_config: Any = 
     return run_dir
 
 
-def load_model(run_dir: str | Path, expect: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Builds the model named by RUN/config.json and loads its weights strictly; `expect` checks the type."""
-    from .config import from_dict
-
+def load_model(
+    run_dir: str | Path,
+    expect: str | None = None,
+    device: str | torch.device = "cpu",
+    overrides: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """Builds the model named by RUN/config.json and loads its weights strictly; `expect` checks the type;
+    `overrides` changes config fields that do not change the weights' shapes (e.g. a CLIP's activation)."""
     run_dir = Path(run_dir)
     values = read_config(run_dir)
     model_type = values["clipdalle"]["model_type"]
     if expect is not None and model_type != expect:
         raise ValueError(f"{run_dir}: is a {model_type} run, expected a {expect} run")
     cls = model_class(model_type)
-    config = from_dict(cls.config_class, values.get("model", {}), source=str(run_dir / CONFIG_FILE))
-    model = cls(config)
+    fields = {**values.get("model", {}), **(overrides or {})}
+    model = cls(from_dict(cls.config_class, fields, source=str(run_dir / CONFIG_FILE)))
     load_weights(run_dir / WEIGHTS_FILE, model)
     return model.to(device).eval()
 
@@ -202,8 +160,8 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, train_state: di
     state_tmp = run_dir / f".{TRAIN_STATE_FILE}.commit"
     save_safetensors_model(unwrap(model), str(weights_tmp), metadata={"step": str(step)})
     torch.save(train_state, state_tmp)
-    _fsync(weights_tmp)
-    _fsync(state_tmp)
+    fsync(weights_tmp)
+    fsync(state_tmp)
     os.replace(state_tmp, run_dir / TRAIN_STATE_FILE)
     os.replace(weights_tmp, run_dir / WEIGHTS_FILE)
 
@@ -244,8 +202,6 @@ def checkpoint_step(run_dir: str | Path) -> int | None:
 
 def load_dalle(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """A DALL·E run as (transformer, its dVAE from RUN/vae, its caption tokenizer), in eval mode."""
-    from .tokenizer import CaptionTokenizer
-
     run_dir = Path(run_dir)
     model = load_model(run_dir, expect="dalle", device=device)
     vae = load_model(run_dir / "vae", expect="dvae", device=device)

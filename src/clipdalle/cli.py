@@ -49,7 +49,7 @@ def cmd_data_icons(args: argparse.Namespace) -> None:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .data.sources import open_source
-    from .tokenizer import CaptionTokenizer
+    from .tokenizers import CaptionTokenizer
 
     source = open_source(args.data, captions="required")
     texts = (caption for record in source for caption in record.captions)
@@ -73,11 +73,17 @@ def training_configs(
     resume = False
     out = Path(args.out)
     if args.resume:
-        if (out / checkpoint.CONFIG_FILE).exists():
+        has_config, has_state = (out / checkpoint.CONFIG_FILE).exists(), (out / checkpoint.TRAIN_STATE_FILE).exists()
+        if has_state and not has_config:
+            raise ValueError(
+                f"{out}: has {checkpoint.TRAIN_STATE_FILE} but no {checkpoint.CONFIG_FILE}, so the run's model cannot "
+                "be rebuilt; restore config.json or start a new run in another --out"
+            )
+        if has_config:
             saved = checkpoint.read_config(out)
             if saved["clipdalle"]["model_type"] != model_type:
                 raise ValueError(f"{out}: is a {saved['clipdalle']['model_type']} run, not a {model_type} run")
-        if (out / checkpoint.TRAIN_STATE_FILE).exists():
+        if has_state:
             run_model, run_train, resume = saved.get("model", {}), saved.get("train", {}), True
         else:
             print(f"{out}: no checkpoint yet, starting a new run", file=sys.stderr)
@@ -97,60 +103,47 @@ def training_configs(
     return model_config, train_config, resume
 
 
-def cmd_train_vae(args: argparse.Namespace) -> None:
-    from .dvae import DVAEConfig
-    from .train import train_vae
-
-    model_config, train_config, resume = training_configs(args, DVAEConfig, "dvae", "vae")
-    train_vae(args.data, args.out, model_config, train_config, val_data=args.val_data, resume=resume)
+def run_training(
+    args: argparse.Namespace, model_config_class: type, model_type: str, train: Callable, **options: Any
+) -> None:
+    """Resolves the configs (see `training_configs`) and calls a training recipe with the common arguments."""
+    preset_prefix = "vae" if model_type == "dvae" else model_type
+    model_config, train_config, resume = training_configs(args, model_config_class, model_type, preset_prefix)
+    train(args.data, args.out, model_config, train_config, val_data=args.val_data, resume=resume, **options)
     print(f"saved {args.out}")
 
 
+def cmd_train_vae(args: argparse.Namespace) -> None:
+    from .models.dvae import DVAEConfig
+    from .training import train_vae
+
+    run_training(args, DVAEConfig, "dvae", train_vae)
+
+
 def cmd_train_clip(args: argparse.Namespace) -> None:
-    from .clip import CLIPConfig
-    from .train import train_clip
+    from .models.clip import CLIPConfig
+    from .training import train_clip
 
     if args.init and flags_for(CLIPConfig, args):
         given = ", ".join(f"--{name.replace('_', '-')}" for name in flags_for(CLIPConfig, args))
         raise ValueError(f"--init takes the model's shape from its weights; drop {given}")
-    model_config, train_config, resume = training_configs(args, CLIPConfig, "clip", "clip")
-    train_clip(
-        args.data,
-        args.out,
-        model_config,
-        train_config,
-        tokenizer_path=args.tokenizer,
-        init=args.init,
-        lock_image=args.lock_image,
-        val_data=args.val_data,
-        resume=resume,
-    )
-    print(f"saved {args.out}")
+    options = dict(tokenizer_path=args.tokenizer, init=args.init, lock_image=args.lock_image)
+    run_training(args, CLIPConfig, "clip", train_clip, **options)
 
 
 def cmd_train_dalle(args: argparse.Namespace) -> None:
-    from .dalle import DALLEConfig
-    from .train import train_dalle
+    from .models.dalle import DALLEConfig
+    from .training import train_dalle
 
-    model_config, train_config, resume = training_configs(args, DALLEConfig, "dalle", "dalle")
-    train_dalle(
-        args.data,
-        args.out,
-        model_config,
-        train_config,
-        vae_run=args.vae,
-        tokenizer_path=args.tokenizer,
-        tokens=args.tokens,
-        val_data=args.val_data,
-        resume=resume,
+    run_training(
+        args, DALLEConfig, "dalle", train_dalle, vae_run=args.vae, tokenizer_path=args.tokenizer, tokens=args.tokens
     )
-    print(f"saved {args.out}")
 
 
 def cmd_tokens_cache(args: argparse.Namespace) -> None:
     from . import checkpoint
-    from .data.codes import build_code_cache
-    from .train import resolve_device
+    from .runtime import resolve_device
+    from .training.codes import build_code_cache
 
     device = resolve_device(args.device)
     vae = checkpoint.load_model(args.vae, expect="dvae", device=device)
@@ -160,16 +153,12 @@ def cmd_tokens_cache(args: argparse.Namespace) -> None:
 
 def load_dalle_bundle(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(DALL·E, its dVAE, its tokenizer, a CLIP bundle or None) from --dalle RUN [--clip RUN]."""
-    from . import checkpoint
-    from .train import resolve_device
+    from . import checkpoint, pretrained
+    from .runtime import resolve_device
 
     device = resolve_device(args.device)
     model, vae, tokenizer = checkpoint.load_dalle(args.dalle, device=device)
-    clip_bundle = None
-    if args.clip:
-        from . import clip
-
-        clip_bundle = clip.load(args.clip, device=device)
+    clip_bundle = pretrained.load(args.clip, device=device) if args.clip else None
     return model, vae, tokenizer, clip_bundle
 
 
@@ -283,12 +272,16 @@ def image_paths(items: Sequence[str]) -> list[Path]:
 
 
 def read_labels(args: argparse.Namespace) -> list[str]:
-    labels = [label.strip() for label in (args.labels or "").split(",") if label.strip()]
+    """--labels 'a,b,c' and --labels-file (one per line), in the grammar the API uses (zero_shot.parse_labels)."""
+    from .zero_shot import parse_labels
+
+    labels = parse_labels(args.labels, "--labels") if args.labels and args.labels.strip() else []
     if args.labels_file:
         path = Path(args.labels_file)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such labels file")
-        labels += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        labels += parse_labels(path.read_text(encoding="utf-8"), str(path))
+    labels = list(dict.fromkeys(labels))
     if len(labels) < 2:
         raise ValueError("classify needs at least two labels: --labels 'cat,dog' or --labels-file FILE (one per line)")
     return labels
@@ -299,12 +292,12 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
     import torch
 
-    from . import clip
-    from .train import resolve_device
+    from . import pretrained, zero_shot
+    from .runtime import resolve_device
     from .transforms import BadImage
 
     device = resolve_device(args.device)
-    model, preprocess, tokenizer = clip.load(args.clip, device=device)
+    model, preprocess, tokenizer = pretrained.load(args.clip, device=device)
     labels = read_labels(args)
     templates = [t for t in (args.templates or "").split("|") if t] or None
     paths, images = [], []
@@ -316,7 +309,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
             print(f"skipped: {error}", file=sys.stderr)
     if not images:
         raise ValueError("classify: none of the given images could be read")
-    probabilities = clip.classify(model, torch.stack(images).to(device), labels, tokenizer, templates).cpu()
+    probabilities = zero_shot.classify(model, torch.stack(images).to(device), labels, tokenizer, templates).cpu()
     top = min(args.top, len(labels))
     results = []
     for path, row in zip(paths, probabilities):
@@ -336,14 +329,15 @@ def cmd_classify(args: argparse.Namespace) -> None:
 def cmd_probe(args: argparse.Namespace) -> None:
     import json
 
-    from .train import linear_probe, resolve_device
+    from .evaluate import linear_probe
+    from .runtime import resolve_device
 
     results = linear_probe(args.clip, args.data, val_data=args.val_data, device=str(resolve_device(args.device)))
     print(json.dumps(results, indent=2))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .clip_convert import convert
+    from .convert import convert
 
     path = convert(
         args.source, args.out, to=args.to, quick_gelu=args.quick_gelu, trust_torchscript=args.trust_torchscript
@@ -354,7 +348,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_guide(args: argparse.Namespace) -> None:
     import torch
 
-    from . import checkpoint, clip
+    from . import checkpoint, pretrained
     from .guide import guide
     from .transforms import load_image, make_grid, save_image
 
@@ -362,19 +356,17 @@ def cmd_guide(args: argparse.Namespace) -> None:
         raise ValueError("guide: give at most one of --init-image and --init-dalle")
     if not args.vae and not args.init_dalle:
         raise ValueError("guide: give --vae RUN (or --init-dalle RUN, whose dVAE is then used)")
-    vae = checkpoint.load_model(args.vae or Path(args.init_dalle) / "vae", expect="dvae")
-    clip_model, _, tokenizer = clip.load(args.clip)
+    clip_model, _, tokenizer = pretrained.load(args.clip)
     init_codes = None
-    if args.init_image:
-        init_codes = vae.encode(load_image(args.init_image, vae.config.image_size)[None])[0]
     if args.init_dalle:
         from .sampling import generate
-        from .tokenizer import CaptionTokenizer
 
-        dalle_run = Path(args.init_dalle)
-        dalle_model = checkpoint.load_model(dalle_run, expect="dalle")
-        dalle_tokenizer = CaptionTokenizer.load(dalle_run / checkpoint.TOKENIZER_FILE)
+        dalle_model, vae, dalle_tokenizer = checkpoint.load_dalle(args.init_dalle)
         init_codes = generate(dalle_model, vae, dalle_tokenizer, [args.prompt], n=1, seed=args.seed).codes[0]
+    if args.vae:
+        vae = checkpoint.load_model(args.vae, expect="dvae")
+    if args.init_image:
+        init_codes = vae.encode(load_image(args.init_image, vae.config.image_size)[None])[0]
     result = guide(
         vae, clip_model, tokenizer, args.prompt, steps=args.steps, lr=args.lr, seed=args.seed, init_codes=init_codes
     )
@@ -394,7 +386,7 @@ def print_json(values: Any) -> None:
 
 def cmd_index_build(args: argparse.Namespace) -> None:
     from .index import build_index
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     device = str(resolve_device(args.device))
     info = build_index(
@@ -406,7 +398,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 def cmd_index_add(args: argparse.Namespace) -> None:
     from .index import add_to_index
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     print_json(add_to_index(args.index, args.data, batch_size=args.batch_size, device=str(resolve_device(args.device))))
 
@@ -435,7 +427,7 @@ def cmd_index_export(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from .index import search
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     if (args.query is None) == (args.image is None):
         raise ValueError('search: give a text query ("a cat wearing sunglasses") or --image FILE, not both')
@@ -453,7 +445,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_moderate(args: argparse.Namespace) -> None:
     from .index import moderate
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     report = moderate(args.index, args.concepts, calibrate=args.calibrate, device=str(resolve_device(args.device)))
     if args.json:
@@ -471,7 +463,7 @@ def cmd_moderate(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from .pipeline import run_pipeline
+    from .demo.pipeline import run_pipeline
 
     report = run_pipeline(args.preset, args.out, fresh=args.fresh, data_dir=args.data_dir)
     print(f"done: {report}")
@@ -480,7 +472,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     try:
         import uvicorn
@@ -531,9 +523,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .clip import CLIPConfig
-    from .dalle import DALLEConfig
-    from .dvae import DVAEConfig
+    from .models import CLIPConfig, DALLEConfig, DVAEConfig
 
     parser = Parser(prog="clipdalle", description="Train and use DALL·E and CLIP on your own images.")
     parser.add_argument("--version", action="version", version=f"clipdalle {__version__}")

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .zero_shot import encode_images, encode_texts
+
 
 @dataclass
 class Guided:
@@ -43,12 +45,6 @@ def cutouts(images: torch.Tensor, count: int, size: int, generator: torch.Genera
         crop = images[:, :, top : top + side, left : left + side]  # (1, 3, side, side)
         crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True))
     return torch.cat(crops)  # (count, 3, size, size)
-
-
-def resize_for_clip(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def guide(
@@ -82,9 +78,7 @@ def guide(
     vae.eval()
     clip_model.eval()
     clip_size = clip_model.config.image_size
-    text = tokenizer([prompt], clip_model.config.context_length)
-    with torch.no_grad():
-        text_features = clip_model.encode_text(text)  # (1, D)
+    text_features = encode_texts(clip_model, tokenizer, [prompt])  # (1, D)
     optimizer = torch.optim.Adam([logits], lr=lr)
     result = Guided(image=torch.empty(0), codes=torch.empty(0))
 
@@ -92,7 +86,7 @@ def guide(
         with torch.no_grad():
             codes = logits.argmax(dim=-1)  # (1, h, w)
             image = vae.decode(codes)  # (1, 3, H, W)
-            score = (clip_model.encode_image(resize_for_clip(image, clip_size)) @ text_features.T).item()
+            score = (encode_images(clip_model, image) @ text_features.T).item()
         result.snapshots.append(image[0])
         result.scores.append(score)
         result.snapshot_steps.append(step)

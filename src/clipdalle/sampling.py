@@ -28,15 +28,16 @@ import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import unwrap
-from .dalle import DALLE, PAD_ID, ImageStep, empty_captions
+from .models.dalle import DALLE, PAD_ID, empty_captions
+from .models.decoding import ImageStep
+from .runtime import device_of, eval_mode, unwrap
+from .transforms import load_image
 
 DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
 NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
@@ -297,10 +298,6 @@ def clip_scores(clip: Any, images: torch.Tensor, prompts: Sequence[str]) -> torc
         )
     clip_model, _, clip_tokenizer = clip
     clip_model = unwrap(clip_model)
-    size = clip_model.config.image_size
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        images = images.clamp(0, 1)
     scores = torch.empty(len(prompts))
     unique = list(dict.fromkeys(prompts))
     text = clip_tokenizer(unique, clip_model.config.context_length)  # (P, ctx)
@@ -357,7 +354,7 @@ def generate(
     rows = torch.arange(len(prompts), device=device).repeat_interleave(n)  # (P*n,) prompt of each sample
     seeds = [base + index for index in range(len(prompts) * n)]
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
-    with _eval_mode(model, vae):
+    with eval_mode(model, vae):
         codes, log_likelihood = _sample_batches(model, text[rows], seeds, batch_size, settings)
         images = _decode_batches(vae, codes, batch_size)
     row_prompts = [prompts[int(index)] for index in rows]
@@ -515,10 +512,7 @@ def mask_from_image(image: Any, size: int) -> torch.Tensor:
     """A mask picture (a path or a PIL image) -> BoolTensor (size, size), True where to regenerate: its white
     area, and its transparent area (composited on white). Resized and centre-cropped like
     `clipdalle.transforms.load_image`, so it lines up with the image it masks."""
-    from .transforms import decode_image, resize_crop, to_rgb, to_tensor
-
-    picture = decode_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
-    pixels = to_tensor(resize_crop(picture, size))  # (3, size, size) in [0, 1]
+    pixels = load_image(image, size, name="mask")  # (3, size, size) in [0, 1]
     return pixels.min(dim=0).values > 0.5  # light in every channel: white, not a saturated colour
 
 
@@ -581,27 +575,6 @@ def _check_image(image: torch.Tensor, vae: nn.Module) -> torch.Tensor:
     return batch.float()
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-class _eval_mode:
-    """Puts modules in eval mode for the block and restores their modes after it."""
-
-    def __init__(self, *modules: nn.Module):
-        self.modules = modules
-        self.modes: list[bool] = []
-
-    def __enter__(self) -> None:
-        self.modes = [module.training for module in self.modules]
-        for module in self.modules:
-            module.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, mode in zip(self.modules, self.modes):
-            module.train(mode)
-
-
 def _sample_batches(
     model: DALLE,
     text: torch.Tensor,
@@ -650,8 +623,8 @@ def _resample(
     text = encode_prompts(tokenizer, [prompt], model.config.text_length).to(device)  # (1, T)
     base = seed if seed is not None else secrets.randbelow(2**31)
     seeds = [base + index for index in range(n)]
-    with _eval_mode(model, vae):
-        original = vae.encode(image.to(_device_of(vae)))  # (1, h, w)
+    with eval_mode(model, vae):
+        original = vae.encode(image.to(device_of(vae)))  # (1, h, w)
         given = original.reshape(1, -1).to(device).expand(n, -1)  # (n, N)
         codes, log_likelihood = _sample_batches(
             model, text.expand(n, -1), seeds, batch_size, settings, given=given, resample=cells.reshape(-1)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .checkpoint import atomic_write
+from .io import atomic_write
 
 # Refuse images above this many pixels before decoding them: a small file can claim a huge canvas (a
 # "decompression bomb") and exhaust memory. 64 M pixels is an 8000 x 8000 photo, far above any training size.
@@ -170,6 +170,17 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.contiguous().numpy())
 
 
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] resized to (B, 3, size, size) (bicubic, antialiased, clamped): how generated
+    images meet a model with another input size. Images already that size come back as they are."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    resized = torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+    )
+    return resized.clamp(0, 1)
+
+
 def make_grid(images: torch.Tensor, n_col: int | None = None, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
     """Tiles images (B, 3, H, W) row by row into one image (3, H', W'), with `padding` pixels of `pad_value`
     around and between the tiles; `n_col` defaults to a square-ish grid (ceil(sqrt(B)) columns)."""
@@ -204,9 +215,28 @@ def save_image(images: torch.Tensor, path: str | Path, n_col: int | None = None)
     return atomic_write(path, lambda temporary: image.save(temporary, format=image_format))
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """An image file as a tensor (3, size, size) in [0, 1]: decoded, resized, centre-cropped."""
-    return to_tensor(resize_crop(decode_image(path), size))
+def load_image(
+    source: str | Path | bytes | Image.Image | torch.Tensor,
+    size: int,
+    name: str | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> torch.Tensor:
+    """A model's input (3, size, size) in [0, 1] from an image file, encoded bytes, a PIL image or a (3, H, W) tensor
+    in [0, 1]: decoded to RGB (see `decode_image`), shorter side resized, centre cropped. The one path from a
+    user's image to a model, so CLIP, the dVAE, the index and the server see the same pixels."""
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 3 or source.shape[0] != 3:
+            raise ValueError(f"{name or 'image'}: expected a (3, H, W) tensor, got {tuple(source.shape)}")
+        if tuple(source.shape[1:]) == (size, size):
+            return source.float()
+        source = to_pil(source)
+    elif isinstance(source, (str, Path, bytes, bytearray)):
+        source = decode_image(bytes(source) if isinstance(source, bytearray) else source, name, max_pixels)
+    elif not isinstance(source, Image.Image):
+        raise ValueError(
+            f"{name or 'image'}: expected a path, encoded bytes, a PIL image or a tensor, got {type(source).__name__}"
+        )
+    return to_tensor(resize_crop(to_rgb(source), size))
 
 
 def _one_line(error: object) -> str:

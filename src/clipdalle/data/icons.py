@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write, write_json
+from ..io import atomic_write, write_json
 from .shards import ShardWriter
 
 FONT_VERSION = "6.9.96"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..transforms import BadImage, decode_image, resize_crop, to_tensor
+from ..transforms import BadImage, resize_crop, to_tensor
 from .sources import Record, Source, is_validation
 
 SHUFFLE_BUFFER = 2000  # records held for shuffling per consumer; shards should already be shuffled on write
@@ -186,9 +186,7 @@ class SampleStream(IterableDataset):
         return batch
 
     def _image(self, record: Record, rng: random.Random) -> torch.Tensor:
-        if record.error is not None:
-            raise BadImage(record.error)
-        image = decode_image(record.path if record.path is not None else record.data, record.name)
+        image = record.decode()
         if self.augment is not None:
             image = resize_crop(
                 image, self.image_size, rng=rng, min_scale=self.augment.min_scale, max_shift=self.augment.max_shift

@@ -2,8 +2,8 @@
 
 A `Source` lists its samples as `units`: independent pieces in a fixed order that can be read separately (a
 chunk of 64 files, or one shard), so the loader can deal units to DDP ranks and loader workers. Reading a unit
-gives `Record`s: a stable key, encoded image bytes or an image path, and captions (or a label). Images are not
-decoded here; `clipdalle.transforms.decode_image` does that and raises `BadImage` for the loader to count.
+gives `Record`s: a stable key, encoded image bytes or an image path, and captions (or a label). Images are decoded
+only when a reader asks (`Record.decode`), and an unreadable one raises `BadImage` for the loader to count.
 
 Problems the user must fix (missing path, no images, a missing or non-UTF-8 caption, a manifest without the
 needed columns, an unknown format) raise one-line errors naming the file. A damaged shard is not the user's
@@ -27,6 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from PIL import Image
+
+from ..transforms import BadImage, decode_image
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")  # matched case-insensitively
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # streamed with tarfile "r|*", which also reads compressed shards
@@ -58,6 +62,18 @@ class Record:
         if self.path is not None:
             return self.path.read_bytes()
         raise ValueError(f"{self.name}: record has no image ({self.error or 'neither data nor path set'})")
+
+    def decode(self, data: bytes | None = None) -> Image.Image:
+        """The record's image as RGB (`transforms.decode_image`), from `data` when the caller has read the bytes
+        already; a record that could not be read raises BadImage naming it, so a loader can skip and count it."""
+        if self.error is not None:
+            raise BadImage(self.error)
+        if data is None:
+            try:
+                data = self.read_bytes()
+            except OSError as error:
+                raise BadImage(f"{self.name}: cannot read the file ({error.strerror or error})") from None
+        return decode_image(data, self.name)
 
 
 class Source(ABC):

@@ -49,11 +49,11 @@ class ServeModels:
 
     def __post_init__(self) -> None:
         if self.index is not None and self.clip is None:
-            from ..clip import preprocess
+            from ..transforms import load_image
 
             # The index's CLIP serves classification and reranking too: one copy of the weights in memory.
             model = self.index.model
-            self.clip = (model, functools.partial(preprocess, image_size=model.config.image_size), self.index.tokenizer)
+            self.clip = (model, functools.partial(load_image, size=model.config.image_size), self.index.tokenizer)
         if self.dalle is not None and (self.vae is None or self.tokenizer is None):
             raise ValueError("ServeModels: a DALL·E model needs its dVAE (vae=) and caption tokenizer (tokenizer=)")
 
@@ -96,7 +96,7 @@ def load_models(
 
         models.index = Index.open(index, clip=clip, device=device)
     elif clip is not None:
-        from ..clip import load
+        from ..pretrained import load
 
         models.clip = load(clip, device=device)
     if dalle is not None:

@@ -1,0 +1,160 @@
+"""The token cache: a dataset encoded once by a dVAE, so DALL·E training reads codes instead of decoding images.
+
+    DIR/info.json            the dVAE's weights hash, the data it came from, counts per split (written last)
+    DIR/{train,val}-NNNNN.npz  `keys` (N,) str, `captions` (N,) str (one per line), `codes` (N, h*w) int16
+
+No pickles: every array is numeric or fixed-width unicode, read with `allow_pickle=False`. A cache whose
+info.json names another dVAE or dataset is rebuilt, so a DALL·E run never trains on codes of the wrong tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import WEIGHTS_FILE
+from ..data.loader import SampleStream, make_loader
+from ..data.sources import Record, Source, open_source, resolve_splits
+from ..io import atomic_write, file_sha256, read_json, write_json
+
+CHUNK_SIZE = 50_000  # images per file: 50k x 64 codes x 2 bytes = 6.4 MB at 8x8
+INFO_FILE = "info.json"
+
+
+def weights_sha256(run_dir: str | Path) -> str:
+    """The SHA-256 of a run's weights file: what a token cache and a DALL·E run record of their dVAE."""
+    return file_sha256(Path(run_dir) / WEIGHTS_FILE)
+
+
+class CodeSource(Source):
+    """A split of a token cache as a Source: records carry `codes` (h*w,) and captions, no image."""
+
+    def __init__(self, folder: Path, split: str, chunks: list[str]):
+        super().__init__(folder, chunks)
+        self.folder = folder
+        self.split = split
+
+    def records(self, unit: str) -> Iterator[Record]:
+        self._check_unit(unit)
+        with np.load(self.folder / unit, allow_pickle=False) as arrays:
+            keys, captions, codes = arrays["keys"], arrays["captions"], arrays["codes"]
+        for key, caption_lines, row in zip(keys.tolist(), captions.tolist(), codes):
+            captions_tuple = tuple(line for line in caption_lines.split("\n") if line)
+            yield Record(key=key, name=f"{self.folder / unit}:{key}", captions=captions_tuple, codes=row)
+
+
+def cache_is_current(folder: str | Path, vae_run: str | Path, data: str | Path) -> bool:
+    path = Path(folder) / INFO_FILE
+    if not path.exists():
+        return False
+    info = read_json(path)
+    return info.get("vae_sha256") == weights_sha256(vae_run) and info.get("data") == str(data)
+
+
+def open_code_cache(folder: str | Path, split: str) -> CodeSource:
+    folder = Path(folder)
+    if not (folder / INFO_FILE).exists():
+        raise ValueError(f"{folder}: not a complete token cache (no {INFO_FILE}); run `clipdalle tokens cache`")
+    chunks = sorted(path.name for path in folder.glob(f"{split}-*.npz"))
+    if not chunks:
+        raise ValueError(f"{folder}: the token cache has no {split} split")
+    return CodeSource(folder, split, chunks)
+
+
+@torch.no_grad()
+def build_code_cache(
+    vae: torch.nn.Module,
+    vae_run: str | Path,
+    data: str | Path,
+    folder: str | Path,
+    *,
+    val_data: str | Path | None = None,
+    batch_size: int = 256,
+    num_workers: int = 1,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Encodes every image of `data` (and its validation split, when it has one) into `folder`.
+
+    Images are centre-cropped (no augmentation: the codes are fixed once cached). Unreadable images are skipped
+    and counted. Returns the info written to info.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INFO_FILE).unlink(missing_ok=True)
+    for stale in folder.glob("*.npz"):
+        stale.unlink()
+    train_path, val_path = resolve_splits(data, val_data)
+    splits = {"train": train_path} if val_path is None else {"train": train_path, "val": val_path}
+    counts: dict[str, int] = {}
+    skipped = 0
+    vae = vae.to(device).eval()
+    for split, path in splits.items():
+        stream = SampleStream(
+            open_source(path, captions="required"),
+            image_size=vae.config.image_size,
+            batch_size=batch_size,
+            shuffle=False,
+            infinite=False,
+            keep_all_captions=True,
+        )
+        writer = ChunkWriter(folder, split)
+        counts[split] = 0
+        for batch in tqdm(make_loader(stream, num_workers), desc=f"encoding {split} images", unit="batch"):
+            skipped += batch["skipped"]
+            if not batch["keys"]:
+                continue
+            batch_codes = vae.encode(batch["images"].to(device)).flatten(1)  # (B, h*w)
+            writer.add(batch["keys"], batch["captions"], batch_codes.to(torch.int16).cpu().numpy())
+            counts[split] += len(batch["keys"])
+        writer.flush()
+        if counts[split] == 0:
+            raise ValueError(f"{path}: no readable images to encode")
+    info = {
+        "vae_sha256": weights_sha256(vae_run),
+        "data": str(data),
+        "grid_size": vae.config.grid_size,
+        "vocab_size": vae.config.vocab_size,
+        "counts": counts,
+        "skipped_images": skipped,
+        "holdout": val_path is None,
+    }
+    write_json(folder / INFO_FILE, info)
+    return info
+
+
+class ChunkWriter:
+    """Collects encoded samples of one split and writes them as `{split}-NNNNN.npz` files of CHUNK_SIZE rows."""
+
+    def __init__(self, folder: Path, split: str):
+        self.folder, self.split, self.chunk = folder, split, 0
+        self.keys: list[str] = []
+        self.captions: list[str] = []
+        self.codes: list[np.ndarray] = []
+
+    def add(self, keys: list[str], captions: list[str], codes: np.ndarray) -> None:
+        self.keys += keys
+        self.captions += captions
+        self.codes.append(codes)
+        if len(self.keys) >= CHUNK_SIZE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.keys:
+            return
+        arrays = {
+            "keys": np.array(self.keys),
+            "captions": np.array(self.captions),
+            "codes": np.concatenate(self.codes),
+        }
+
+        def save(path: Path) -> None:
+            with open(path, "wb") as handle:
+                np.savez(handle, **arrays)
+
+        atomic_write(self.folder / f"{self.split}-{self.chunk:05d}.npz", save)
+        self.chunk += 1
+        self.keys, self.captions, self.codes = [], [], []

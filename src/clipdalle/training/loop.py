@@ -1,0 +1,294 @@
+"""The one training loop, shared by the dVAE, CLIP and DALL·E, driven by a `loss_fn` from training.objectives.
+
+Runs unchanged in one process or under `torchrun --nproc_per_node N` (gloo on CPU, nccl on GPU): rank 0 logs
+and saves, every rank reads its own share of the data. A run is resumable at every checkpoint, bit for bit:
+random state is re-seeded from (seed, step, rank) at each step and the data stream restarts at the batch
+where the checkpoint left it, so a killed-and-resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .. import checkpoint
+from ..config import TrainConfig
+from ..io import atomic_write
+from ..runtime import autocast, barrier, distributed_context, init_distributed, resolve_device, resolve_dtype, to_device
+from ..transforms import save_image
+
+LossFn = Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]]
+EvaluateFn = Callable[[torch.nn.Module, list[dict]], tuple[dict[str, float], torch.Tensor | None]]
+
+
+# ------------------------------------------------------------------------------------------ small pure pieces
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices only; gains, biases, embeddings and scales are left alone."""
+    embedding_params = {
+        id(param)
+        for module in model.modules()
+        if isinstance(module, torch.nn.Embedding)
+        for param in module.parameters()
+    }
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embedding_params or "embedding" in name or "logit_" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Random state as a function of (seed, step, rank): dropout and sampling noise replay exactly on resume."""
+    torch.manual_seed((seed * 1_000_003 + step * 1009 + rank) % (2**63))
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+class MetricsLog:
+    """RUN/metrics.csv in long format (step, split, name, value) and RUN/loss.png drawn from it."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.csv"
+        self.plot_path = run_dir / "loss.png"
+        rows = self.read() if resume_step is not None else []
+        rows = [row for row in rows if int(row["step"]) <= (resume_step or 0)]  # drop rows past the checkpoint
+        atomic_write(self.path, lambda tmp: self._write(tmp, rows))
+
+    def read(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    @staticmethod
+    def _write(path: Path, rows: list[dict[str, str]]) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "split", "name", "value"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def add(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            for name, value in metrics.items():
+                writer.writerow([step, split, name, f"{float(value):.6g}"])
+
+    def plot(self) -> None:
+        """One panel per metric name, train and val lines; rewritten atomically."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        series: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+        for row in self.read():
+            steps, values = series.setdefault(row["name"], {}).setdefault(row["split"], ([], []))
+            steps.append(int(row["step"]))
+            values.append(float(row["value"]))
+        names = [name for name in series if name not in ("lr", "skipped_images")] or list(series)
+        if not names:
+            return
+        columns = min(3, len(names))
+        rows = math.ceil(len(names) / columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
+        for axis, name in zip(axes.flat, names):
+            for split, (steps, values) in sorted(series[name].items()):
+                axis.plot(steps, values, label=split, marker="o" if split != "train" else None, markersize=3)
+            axis.set_title(name)
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+        for axis in list(axes.flat)[len(names) :]:
+            axis.axis("off")
+        figure.tight_layout()
+        atomic_write(self.plot_path, lambda tmp: figure.savefig(tmp, dpi=90, format="png"))
+        plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    train_batches: Callable[[int], Iterator[dict]],
+    run_dir: str | Path,
+    config: TrainConfig,
+    *,
+    val_batches: Callable[[], Iterable[dict]] | None = None,
+    evaluate: EvaluateFn | None = None,
+    resume: bool = False,
+    items_key: str = "keys",
+) -> torch.nn.Module:
+    """Trains `model` for `config.steps` optimizer steps and returns it (unwrapped, on its device).
+
+    `train_batches(start_batch)` yields this rank's batches from `start_batch` on; `val_batches()` yields
+    validation batches (the first `config.eval_batches` are used, decoded once). The run directory receives
+    config.json at the start, and checkpoints, metrics.csv, loss.png and samples/ as it goes."""
+    run_dir = Path(run_dir)
+    rank, world, local_rank = distributed_context()
+    device = resolve_device(config.device, local_rank)
+    init_distributed(device)
+    dtype = resolve_dtype(config.dtype)
+    is_main = rank == 0
+
+    model.to(device)
+    # fused=True: one kernel over all parameters instead of a Python loop; on CPU 0.15 s instead of 0.56 s per
+    # step for a CLIP with a 49,408-row embedding (benchmarks/RESULTS.md, CLIP section).
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=True
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step = 0
+    if resume:
+        checkpoint.recover(run_dir) if is_main else None
+        barrier()
+        state = checkpoint.load_train_state(run_dir)
+        checkpoint.load_weights(run_dir / checkpoint.WEIGHTS_FILE, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        if state.get("world_size", world) != world:
+            print(
+                f"warning: {run_dir} was trained with {state['world_size']} process(es), resuming with {world}: "
+                "the data order after the checkpoint differs from an uninterrupted run",
+                file=sys.stderr,
+            )
+    elif is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_config(run_dir, model, config)
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    log = MetricsLog(run_dir, step if resume else None) if is_main else None
+    data = train_batches(step * config.grad_accum)
+    val_cache: list[dict] | None = None
+    skipped_total = 0
+    last_epoch = 0
+    progress_bar = tqdm(
+        total=config.steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True, file=sys.stderr
+    )
+    items_since, time_since = 0, time.perf_counter()
+    running: dict[str, float] = {}
+
+    while step < config.steps:
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seed_step(config.seed, step, rank)
+        model.train()
+        for micro_step in range(config.grad_accum):
+            batch = to_device(next(data), device)
+            skipped_total += batch.get("skipped", 0)
+            if batch.get("epoch", 0) > last_epoch:
+                last_epoch = batch["epoch"]
+                if is_main and skipped_total:
+                    progress_bar.write(f"epoch {last_epoch}: {skipped_total} unreadable image(s) skipped so far")
+            items_since += len(batch[items_key])
+            sync = world == 1 or micro_step == config.grad_accum - 1
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
+                loss, metrics = loss_fn(model, batch, step / config.steps)
+                scaler.scale(loss / config.grad_accum).backward()
+            for name, value in metrics.items():
+                running[name] = running.get(name, 0.0) + float(value) / config.grad_accum
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            running["grad_norm"] = running.get("grad_norm", 0.0) + float(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            )
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(raw_model, "after_step"):  # e.g. CLIP clamps its logit scale
+            raw_model.after_step()
+        step += 1
+        progress_bar.update(1)
+
+        if is_main and (step % config.log_every == 0 or step == config.steps):
+            elapsed = time.perf_counter() - time_since
+            rate = items_since * world / max(elapsed, 1e-9)
+            steps_logged = config.log_every if step % config.log_every == 0 else step % config.log_every
+            averaged = {name: value / steps_logged for name, value in running.items()}
+            log.add(step, "train", {**averaged, "lr": lr, "items_per_s": rate, "skipped_images": skipped_total})
+            progress_bar.set_postfix(loss=f"{averaged.get('loss', float('nan')):.4f}", items_s=f"{rate:.0f}")
+            running, items_since, time_since = {}, 0, time.perf_counter()
+        elif not is_main and step % config.log_every == 0:
+            running = {}
+
+        if step % config.eval_every == 0 or step == config.steps:
+            if is_main and evaluate is not None and val_batches is not None:
+                if val_cache is None:
+                    val_cache = [to_device(batch, device) for batch in _take(val_batches(), config.eval_batches)]
+                if val_cache:
+                    raw_model.eval()
+                    with torch.no_grad(), autocast(device, dtype):
+                        val_metrics, grid = evaluate(raw_model, val_cache)
+                    log.add(step, "val", val_metrics)
+                    if grid is not None:
+                        save_image(grid.float().cpu(), run_dir / "samples" / f"step_{step:06d}.png")
+                    summary = ", ".join(f"{name} {value:.4g}" for name, value in val_metrics.items())
+                    progress_bar.write(f"step {step}: {summary}")
+            if is_main:
+                log.plot()
+            barrier()
+
+        if step % config.save_every == 0 or step == config.steps:
+            if is_main:
+                train_state = {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "data_position": step * config.grad_accum,
+                    "world_size": world,
+                }
+                checkpoint.save_checkpoint(run_dir, raw_model, train_state)
+                checkpoint.save_config(run_dir, raw_model, config)
+            barrier()
+
+    progress_bar.close()
+    if is_main and skipped_total:
+        print(f"{skipped_total} unreadable image(s) skipped (see skipped_images in metrics.csv)", file=sys.stderr)
+    del data
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return raw_model
+
+
+def _take(items: Iterable[dict], count: int) -> list[dict]:
+    taken = []
+    for item in items:
+        if len(taken) >= count:
+            break
+        if len(item.get("keys", [None])) > 0:
+            taken.append(item)
+    return taken

@@ -1,0 +1,311 @@
+"""How each model is trained from a dataset path: the data streams, the tokenizer, the objective and the
+validation pictures handed to the one training loop (training.loop.train).
+
+    train_vae(data, out, DVAEConfig(...), TrainConfig(...))
+    train_clip(data, out, CLIPConfig(...), TrainConfig(...), init="ViT-B-32.pt", lock_image=True)
+    train_dalle(data, out, DALLEConfig(...), TrainConfig(...), vae_run="runs/vae")
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoint, evaluate, sampling
+from ..config import TrainConfig, replace
+from ..data.loader import Augment, SampleStream, batches, make_loader
+from ..data.sources import open_source, resolve_splits
+from ..models import CLIP, DALLE, DiscreteVAE
+from ..pretrained import load
+from ..runtime import barrier, distributed_context, init_distributed, resolve_device
+from ..tokenizers import CaptionTokenizer, ClipTokenizer
+from ..tokenizers.caption import MIN_VOCAB_SIZE
+from ..transforms import make_grid
+from . import objectives
+from .codes import build_code_cache, cache_is_current, open_code_cache, weights_sha256
+from .loop import train
+
+
+def data_streams(
+    data: str | Path,
+    config: TrainConfig,
+    image_size: int,
+    *,
+    val_data: str | Path | None = None,
+    captions: str = "required",
+) -> tuple[Callable[[int], Iterator[dict]], Callable[[], Iterable[dict]]]:
+    """Training and validation batch functions for `train`, from a dataset path (see data/sources.py).
+
+    A directory with train/ and val/ uses them; else `val_data`; else a stable hash of each sample's key holds
+    out `config.val_fraction` of the data."""
+    augment = None
+    if config.crop_scale < 1.0 or config.max_shift > 0.0:
+        augment = Augment(min_scale=config.crop_scale, max_shift=config.max_shift)
+
+    rank, world, _ = distributed_context()
+    train_path, val_path = resolve_splits(data, val_data)
+    train_source = open_source(train_path, captions=captions)
+    val_source = open_source(val_path, captions=captions) if val_path is not None else train_source
+    holdout = None if val_path is not None else "train"
+
+    def train_stream(start_batch: int) -> SampleStream:
+        return SampleStream(
+            train_source,
+            image_size=image_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            holdout=holdout,
+            val_fraction=config.val_fraction,
+            augment=augment,
+            start_batch=start_batch,
+            rank=rank,
+            world_size=world,
+        )
+
+    def val_batches() -> Iterable[dict]:
+        stream = SampleStream(
+            val_source,
+            image_size=image_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            holdout=None if val_path is not None else "val",
+            val_fraction=config.val_fraction,
+            shuffle=False,
+            infinite=False,
+        )
+        return make_loader(stream, num_workers=0)
+
+    return batches(train_stream, config.num_workers), val_batches
+
+
+def train_vae(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains the discrete VAE (images only; captions are not needed) into the run directory `out`."""
+    train_batches, val_batches = data_streams(
+        data, config, model_config.image_size, val_data=val_data, captions="optional"
+    )
+    torch.manual_seed(config.seed)
+    model = DiscreteVAE(model_config)
+
+    def validate(model: torch.nn.Module, batches_: list[dict]) -> tuple[dict[str, float], torch.Tensor]:
+        return evaluate.vae_metrics(model, batches_), evaluate.vae_picture(model, batches_)
+
+    return train(
+        model,
+        objectives.vae_loss,
+        train_batches,
+        out,
+        config,
+        val_batches=val_batches,
+        evaluate=validate,
+        resume=resume,
+    )
+
+
+def prepare_tokenizer(
+    out: Path, data: str | Path, vocab_size: int, tokenizer_path: str | Path | None, resume: bool
+) -> Any:
+    """The caption tokenizer of a run: its own on resume, else `tokenizer_path`, else one trained on the
+    training captions. Rank 0 writes RUN/tokenizer.json; the other ranks wait and read it."""
+    if tokenizer_path is None and vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"the model's vocab_size {vocab_size} is below the caption tokenizer's minimum {MIN_VOCAB_SIZE} "
+            f"(256 bytes + 3 special tokens); set --vocab-size {MIN_VOCAB_SIZE} or more"
+        )
+    path = out / checkpoint.TOKENIZER_FILE
+    rank, _, local_rank = distributed_context()
+    if rank == 0 and not (resume and path.exists()):
+        if tokenizer_path is not None:
+            tokenizer = CaptionTokenizer.load(tokenizer_path)
+        else:
+            source = open_source(resolve_splits(data)[0], captions="required")
+            texts = (caption for record in source for caption in record.captions)
+            tokenizer = CaptionTokenizer.train(texts, vocab_size)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+    barrier()
+    tokenizer = CaptionTokenizer.load(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}; "
+            f"set --vocab-size {tokenizer.vocab_size} or more"
+        )
+    return tokenizer
+
+
+def train_clip(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    tokenizer_path: str | Path | None = None,
+    init: str | Path | None = None,
+    lock_image: bool = False,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains CLIP on (image, caption) pairs into `out`: from scratch with our caption tokenizer, or fine-tuned
+    from `init` (a run or OpenAI / open_clip / Hugging Face weights, with their own tokenizer). `lock_image`
+    freezes the image tower (LiT)."""
+    out = Path(out)
+    rank, _, local_rank = distributed_context()
+    init_distributed(resolve_device(config.device, local_rank))
+    if resume and (out / "vocab.json").exists():  # a fine-tuned run keeps its foreign CLIP BPE
+        tokenizer = ClipTokenizer.from_files(out)
+        model = CLIP(model_config)
+    elif init is not None and not resume:
+        model, _, tokenizer = load(init)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            _save_tokenizer(tokenizer, out)
+    else:
+        tokenizer = prepare_tokenizer(out, data, model_config.vocab_size, tokenizer_path, resume)
+        torch.manual_seed(config.seed)
+        model = CLIP(model_config)
+    if lock_image:
+        for parameter in model.visual.parameters():
+            parameter.requires_grad_(False)
+    context_length = model.config.context_length
+
+    def with_text(batch: dict) -> dict:
+        if "text" not in batch:
+            batch["text"] = tokenizer(batch["captions"], context_length).to(batch["images"].device)
+        return batch
+
+    def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return objectives.clip_loss(model, with_text(batch), progress)
+
+    def validate(model: torch.nn.Module, batches_: list[dict]) -> tuple[dict[str, float], torch.Tensor]:
+        batches_ = [with_text(batch) for batch in batches_]
+        metrics = evaluate.clip_metrics(model, batches_)
+        metrics["zero_shot_accuracy"] = evaluate.caption_zero_shot_accuracy(model, batches_, tokenizer)
+        return metrics, evaluate.clip_picture(model, batches_)
+
+    train_batches, val_batches = data_streams(data, config, model.config.image_size, val_data=val_data)
+    return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=validate, resume=resume)
+
+
+def _save_tokenizer(tokenizer: Any, out: Path) -> None:
+    if isinstance(tokenizer, CaptionTokenizer):
+        tokenizer.save(out / checkpoint.TOKENIZER_FILE)
+    else:  # OpenAI's BPE: vocab.json + merges.txt, which clip.load reads back
+        tokenizer.save(out)
+
+
+def train_dalle(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    vae_run: str | Path,
+    tokenizer_path: str | Path | None = None,
+    tokens: str | Path | None = None,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains the DALL·E transformer on a dataset encoded once by the dVAE in `vae_run`.
+
+    The dVAE is copied into RUN/vae/ (a run refuses a different dVAE later); the dataset's codes are cached in
+    `tokens` (default RUN/tokens/) and reused while the dVAE and the data are the same; each evaluation reports
+    validation loss in bits per image token and writes samples for fixed validation captions."""
+    out = Path(out)
+    rank, world, local_rank = distributed_context()
+    device = resolve_device(config.device, local_rank)
+    init_distributed(device)
+    vae_dir = out / "vae"
+    if rank == 0:
+        if (vae_dir / checkpoint.WEIGHTS_FILE).exists():
+            if Path(vae_run).resolve() != vae_dir.resolve() and weights_sha256(vae_dir) != weights_sha256(vae_run):
+                raise ValueError(
+                    f"{out} was trained with the dVAE in {vae_dir} (sha256 {weights_sha256(vae_dir)[:12]}), not with "
+                    f"{vae_run} (sha256 {weights_sha256(vae_run)[:12]}); train a new DALL·E run for another dVAE"
+                )
+        else:
+            checkpoint.load_model(vae_run, expect="dvae")  # a clear error before copying anything
+            shutil.copytree(
+                vae_run, vae_dir, ignore=shutil.ignore_patterns(checkpoint.TRAIN_STATE_FILE, ".*"), dirs_exist_ok=True
+            )
+    barrier()
+    vae = checkpoint.load_model(vae_dir, expect="dvae", device=device)
+    derived = {"image_vocab_size": vae.config.vocab_size, "grid_size": vae.config.grid_size}
+    if any(getattr(model_config, name) != value for name, value in derived.items()):
+        print(f"note: image_vocab_size and grid_size follow the dVAE: {derived}", file=sys.stderr)
+        model_config = replace(model_config, **derived)
+    tokenizer = prepare_tokenizer(out, data, model_config.text_vocab_size, tokenizer_path, resume)
+
+    tokens = Path(tokens) if tokens is not None else out / "tokens"
+    if rank == 0 and not cache_is_current(tokens, vae_dir, data):
+        build_code_cache(vae, vae_dir, data, tokens, val_data=val_data, num_workers=config.num_workers, device=device)
+    barrier()
+    train_source = open_code_cache(tokens, "train")
+    has_val = (tokens / "val-00000.npz").exists()
+    val_source = open_code_cache(tokens, "val") if has_val else train_source
+
+    def train_stream(start_batch: int) -> SampleStream:
+        return SampleStream(
+            train_source,
+            image_size=vae.config.image_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            holdout=None if has_val else "train",
+            val_fraction=config.val_fraction,
+            start_batch=start_batch,
+            rank=rank,
+            world_size=world,
+        )
+
+    def val_batches() -> Iterable[dict]:
+        stream = SampleStream(
+            val_source,
+            image_size=vae.config.image_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            holdout=None if has_val else "val",
+            val_fraction=config.val_fraction,
+            shuffle=False,
+            infinite=False,
+        )
+        return make_loader(stream, num_workers=0)
+
+    def with_text(batch: dict) -> dict:
+        if "text" not in batch:
+            batch["text"] = tokenizer(batch["captions"], model_config.text_length).to(batch["codes"].device)
+        return batch
+
+    def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return objectives.dalle_loss(model, with_text(batch), progress)
+
+    def validate(model: torch.nn.Module, batches_: list[dict]) -> tuple[dict[str, float], torch.Tensor]:
+        metrics = evaluate.dalle_metrics(model, [with_text(batch) for batch in batches_])
+        prompts = [caption for batch in batches_ for caption in batch["captions"]][:8]
+        samples = sampling.generate(model, vae, tokenizer, prompts, n=4, seed=0)
+        truth = vae.decode(torch.cat([batch["codes"] for batch in batches_])[: len(prompts)])  # (P, 3, H, W)
+        rows = torch.cat([truth[:, None], samples.images.view(len(prompts), 4, *truth.shape[1:])], 1)
+        return metrics, make_grid(rows.flatten(0, 1), n_col=5)  # each row: the real image, then 4 samples
+
+    torch.manual_seed(config.seed)
+    model = DALLE(model_config)
+    return train(
+        model,
+        loss_fn,
+        batches(train_stream, config.num_workers),
+        out,
+        config,
+        val_batches=val_batches,
+        evaluate=validate,
+        resume=resume,
+    )

@@ -1,0 +1,85 @@
+"""The command line: one-line errors, flags from config fields, and the issue-1 commands end to end."""
+
+import json
+
+import pytest
+from helpers import assert_one_line_error, run
+
+from clipdalle import checkpoint
+from clipdalle.data import icons
+
+
+def test_unknown_flag_lists_the_valid_ones(capsys, shapes_folder, tmp_path):
+    code, _, err = run(
+        capsys, "train", "vae", "--data", str(shapes_folder), "--out", str(tmp_path / "r"), "--n-emdb", "4"
+    )
+    assert_one_line_error(code, err, "unknown option(s) --n-emdb", "valid options:", "--n-embd", "--batch-size")
+
+
+def test_bad_flag_value_is_one_line(capsys, shapes_folder, tmp_path):
+    code, _, err = run(
+        capsys, "train", "vae", "--data", str(shapes_folder), "--out", str(tmp_path / "r"), "--steps", "x"
+    )
+    assert_one_line_error(code, err, "--steps", "invalid int value")
+
+
+def test_missing_dataset_names_the_path(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "vae", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, str(tmp_path / "nothing"))
+
+
+def test_unknown_preset_lists_presets(capsys, shapes_folder, tmp_path):
+    code, _, err = run(
+        capsys, "train", "vae", "--data", str(shapes_folder), "--out", str(tmp_path / "r"), "--preset", "zz"
+    )
+    assert_one_line_error(code, err, "preset 'vae-zz': not found", "available presets:", "vae-tiny")
+
+
+def test_train_vae_then_refuse_to_overwrite_then_resume_longer(capsys, shapes_folder, tmp_path):
+    out = tmp_path / "vae"
+    base = ["train", "vae", "--data", str(shapes_folder), "--out", str(out), "--preset", "tiny", "--steps", "6"]
+    code, stdout, err = run(capsys, *base, "--eval-every", "3", "--save-every", "3")
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["clipdalle"]["model_type"] == "dvae" and config["train"]["steps"] == 6
+    assert (out / "samples" / "step_000006.png").exists() and (out / "metrics.csv").exists()
+    code, _, err = run(capsys, *base)
+    assert_one_line_error(code, err, "a run already exists there; pass --resume")
+    code, _, err = run(capsys, *base[:-1], "8", "--resume")
+    assert code == 0, err
+    assert checkpoint.checkpoint_step(out) == 8
+    code, _, err = run(capsys, *base[:-1], "9", "--resume", "--n-embd", "64")
+    assert_one_line_error(code, err, "cannot change model fields of a run being resumed (n_embd)")
+
+
+def test_tokenizer_train(capsys, shapes_folder, tmp_path):
+    from clipdalle.tokenizers import CaptionTokenizer
+
+    out = tmp_path / "tok.json"
+    code, stdout, err = run(
+        capsys, "tokenizer", "train", "--data", str(shapes_folder), "--vocab-size", "300", "--out", str(out)
+    )
+    assert code == 0, err
+    tokenizer = CaptionTokenizer.load(out)
+    assert tokenizer.decode(tokenizer.encode(["a red circle"], 8)) == ["a red circle"]
+
+
+def test_data_icons(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(icons, "icon_names", lambda: ["account", "home", "heart", "star"])
+    code, stdout, err = run(capsys, "data", "icons", "--out", str(tmp_path / "icons"), "--colours", "2")
+    assert code == 0, err
+    assert "wrote 8 images of 4 icons" in stdout
+    assert icons.is_complete(tmp_path / "icons")
+
+
+def test_wrong_kind_of_path_for_a_run(capsys, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text('{"model_type": "clip"}')
+    code, _, err = run(capsys, "train", "vae", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--resume")
+    assert_one_line_error(code, err, "not a clipdalle run config", "found model_type 'clip'")
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["nonsense"]])
+def test_incomplete_commands_are_one_line_errors(capsys, argv):
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "clipdalle")

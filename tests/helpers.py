@@ -1,0 +1,177 @@
+"""Helpers the tests share: synthetic coloured shapes with captions, and running the CLI in-process."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from clipdalle import cli
+from clipdalle.config import build_config, load_preset
+from clipdalle.models.clip import CLIP, CLIPConfig
+from clipdalle.models.dalle import DALLE, PAD_ID, DALLEConfig
+from clipdalle.tokenizers import CaptionTokenizer
+
+COLOURS = {"red": (229, 57, 53), "green": (67, 160, 71), "blue": (30, 136, 229), "black": (33, 33, 33)}
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def draw_shape(shape: str, colour: str, size: int = 32, jitter: int = 0) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    margin = size // 5 + jitter
+    box = (margin, margin, size - 1 - margin, size - 1 - margin)
+    rgb = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb)
+    elif shape == "triangle":
+        draw.polygon(
+            [(size // 2, margin), (margin, size - 1 - margin), (size - 1 - margin, size - 1 - margin)], fill=rgb
+        )
+    else:
+        width = max(2, size // 8)
+        draw.rectangle((size // 2 - width, margin, size // 2 + width, size - 1 - margin), fill=rgb)
+        draw.rectangle((margin, size // 2 - width, size - 1 - margin, size // 2 + width), fill=rgb)
+    return image
+
+
+def make_shapes_folder(root: Path, size: int = 32, repeats: int = 1, seed: int = 0) -> Path:
+    """A folder dataset: PNG + same-stem .txt captions, every (shape, colour) pair `repeats` times."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for repeat in range(repeats):
+        for shape in SHAPES:
+            for colour in COLOURS:
+                stem = f"{shape}_{colour}_{repeat}"
+                draw_shape(shape, colour, size, jitter=int(rng.integers(0, 3))).save(root / f"{stem}.png")
+                (root / f"{stem}.txt").write_text(f"a {colour} {shape}\n{colour} {shape}\n")
+    return root
+
+
+def run(capsys, *args):
+    """`clipdalle ARGS` in this process: (exit code, stdout, stderr)."""
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    """A failed command: exit code 1 and exactly one line on stderr (no traceback) containing `fragments`."""
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("warning", "\r"))]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ------------------------------------------------------------------------------------------ tiny CLIPs
+
+
+BOS, EOS = CaptionTokenizer.bos_id, CaptionTokenizer.eos_id
+FLAT_COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.1, 0.1, 1.0), "yellow": (1.0, 0.9, 0.1)}
+
+
+def tiny_clip_config(**overrides) -> CLIPConfig:
+    return build_config(CLIPConfig, load_preset("clip-tiny")["model"], overrides)
+
+
+def tiny_clip(seed: int = 0, **overrides) -> CLIP:
+    """The clip-tiny preset (a few thousand parameters, 32 px, 16 tokens) with seeded random weights."""
+    torch.manual_seed(seed)
+    return CLIP(tiny_clip_config(**overrides))
+
+
+class WordTokenizer:
+    """Stand-in for clipdalle.tokenizers.CaptionTokenizer in tests: an id per word, <bos>, <eos>, padding 0."""
+
+    def __init__(self, words):
+        self.ids = {word: index + 3 for index, word in enumerate(words)}
+
+    def __call__(self, texts, length):
+        rows = []
+        for text in texts:
+            ids = [BOS, *(self.ids[word] for word in text.split()), EOS]
+            rows.append(ids + [0] * (length - len(ids)))
+        return torch.tensor(rows)
+
+
+WORDS = ["a", "photo", "of", "an", "icon", "in", "shape", *FLAT_COLOURS]
+
+
+def colour_images(noise_seed: int = 0, per_colour: int = 1) -> torch.Tensor:
+    """Flat colour squares with a little noise, (len(FLAT_COLOURS) * per_colour, 3, 32, 32) in [0, 1]."""
+    generator = torch.Generator().manual_seed(noise_seed)
+    colours = torch.tensor(list(FLAT_COLOURS.values())).repeat_interleave(per_colour, dim=0)  # (N, 3)
+    images = colours.view(-1, 3, 1, 1).expand(-1, 3, 32, 32)  # (N, 3, 32, 32)
+    return (images + 0.05 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+
+
+def random_text(batch: int, length: int, seed: int = 0, vocab: int = 64) -> torch.Tensor:
+    """Token ids with <bos>, words in [3, vocab), <eos> at varying positions, zero padding after it."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.zeros(batch, length, dtype=torch.long)
+    for row in range(batch):
+        words = int(torch.randint(1, length - 2, (1,), generator=generator))
+        text[row, 0] = BOS
+        text[row, 1 : 1 + words] = torch.randint(3, vocab, (words,), generator=generator)
+        text[row, 1 + words] = EOS
+    return text
+
+
+STEPS = {"contrastive": 40, "siglip": 80}  # SigLIP first spends steps moving its bias from -10
+
+
+def train_colour_clip(loss_name: str) -> tuple[CLIP, list[float]]:
+    """A tiny CLIP trained to match flat colour squares with "a COLOUR icon": (model in eval mode, losses)."""
+    from clipdalle.training.objectives import clip_loss as loss_fn
+
+    model = tiny_clip(seed=1, loss=loss_name)
+    tokenizer = WordTokenizer(WORDS)
+    text = tokenizer([f"a {colour} icon" for colour in FLAT_COLOURS], 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for step in range(STEPS[loss_name]):
+        batch = {"images": colour_images(noise_seed=step), "text": text}
+        loss, _ = loss_fn(model, batch, step / STEPS[loss_name])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.after_step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+# ------------------------------------------------------------------------------------------ tiny DALL·E
+
+
+def tiny_dalle_config(**changes) -> DALLEConfig:
+    values = dict(
+        text_length=5,
+        text_vocab_size=40,
+        image_vocab_size=12,
+        grid_size=4,
+        n_layer=4,
+        n_head=2,
+        n_embd=16,
+        attn=["full", "row", "col", "conv"],
+        conv_kernel=3,
+    )
+    values.update(changes)
+    return DALLEConfig(**values)
+
+
+def tiny_dalle(**changes) -> DALLE:
+    """A 4-layer DALL·E of width 16 over 5 caption tokens and a 4 x 4 grid of 12 codes, every attention pattern."""
+    torch.manual_seed(0)
+    return DALLE(tiny_dalle_config(**changes)).eval()
+
+
+def random_dalle_batch(config: DALLEConfig, batch_size: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, config.text_vocab_size, (batch_size, config.text_length), generator=generator)
+    text[:, -2:] = PAD_ID  # captions end in padding
+    codes = torch.randint(0, config.image_vocab_size, (batch_size, config.image_length), generator=generator)
+    return text, codes

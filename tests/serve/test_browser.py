@@ -1,0 +1,272 @@
+"""The web page in a real browser: Debian's chromium driven by playwright against the real app on a loopback port,
+serving a tiny index, CLIP and DALL·E. What a user does: search, click a result, drop an image, zero-shot, generate,
+draw a box and inpaint, unlock a server that wants an API key."""
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+API_KEY = "browser-test-key"
+WAIT_MS = 20_000  # a request on a busy 2-core CI machine; the tiny models answer in about a second
+ALL_IMAGES_LOADED = """selector => {
+    const images = [...document.querySelectorAll(selector)];
+    return images.length > 0 && images.every(image => image.complete && image.naturalWidth > 0);
+}"""
+
+
+def browser_missing(reason: str):
+    """Skips on a developer machine without the browser; fails under CI, where `.ci/run` installs it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run the browser test: .ci/run installs chromium with apt-get)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        browser_missing(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        browser_missing("the playwright package is missing: pip install -e '.[test]'")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        yield browser
+        browser.close()
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Runs `app` with uvicorn on a thread, on a loopback socket bound here (so no other process takes the port)."""
+    import uvicorn
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start serving the app")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def served(browser, built_index, tiny_clip_run, tiny_runs):
+    from clipdalle.serve import create_app, load_models
+
+    models = load_models(index=built_index, clip=tiny_clip_run, dalle=tiny_runs[1])
+    with serving(create_app(models)) as url:
+        yield url
+    models.close()
+
+
+@pytest.fixture(scope="module")
+def served_locked(browser, built_index):
+    """A second server: search only (no DALL·E), behind an API key."""
+    from clipdalle.serve import ServeSettings, create_app, load_models
+
+    models = load_models(index=built_index)
+    with serving(create_app(models, ServeSettings(api_key=API_KEY))) as url:
+        yield url
+    models.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 1600})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    script_errors = []
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    yield page
+    context.close()
+    assert script_errors == [], f"the page raised JavaScript errors: {script_errors}"
+
+
+def open_page(page, url: str) -> dict:
+    """Loads the page, waits until it has read /api/info, and returns that info."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    expect(page.locator("#status .chip")).to_have_count(3, timeout=WAIT_MS)
+    return page.request.get(f"{url}/api/info").json()
+
+
+def wait_until_answered(page, panel: str):
+    """Waits for the panel's request to finish: the results region drops aria-busy and the spinner hides."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(f"#{panel}-results")).not_to_have_attribute("aria-busy", "true", timeout=WAIT_MS)
+    expect(page.locator(f"#{panel}-busy")).to_be_hidden(timeout=WAIT_MS)
+
+
+def shown_results(page) -> list[dict]:
+    cards = page.locator("#search-results button.card")
+    return [
+        {"id": int(card.get_attribute("data-id")), "score": float(card.locator(".score").inner_text())}
+        for card in cards.all()
+    ]
+
+
+def test_search_by_text_then_click_a_result_for_similar_ones(page, served):
+    from playwright.sync_api import expect
+
+    info = open_page(page, served)
+    expect(page.locator("#status")).to_contain_text(f"{info['images']} images")
+    page.get_by_role("searchbox").fill("a red circle")
+    page.get_by_role("button", name="Search", exact=True).click()
+    wait_until_answered(page, "search")
+    expect(page.locator("#search-query")).to_contain_text("a red circle")
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#search-results img")
+    answer = page.request.get(f"{served}/api/search", params={"q": "a red circle", "k": 24}).json()
+    shown = shown_results(page)
+    assert [item["id"] for item in shown] == [item["id"] for item in answer["results"]]
+    scores = [item["score"] for item in shown]
+    assert len(scores) > 0 and scores == sorted(scores, reverse=True)
+
+    clicked = shown[-1]["id"]
+    page.locator("#search-results button.card").last.click()
+    wait_until_answered(page, "search")
+    expect(page.locator("#search-query")).to_contain_text("Images like")
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#search-results img")
+    similar = shown_results(page)
+    assert similar[0]["id"] == clicked and similar[0]["score"] > 0.99  # the image itself comes first
+
+
+def test_upload_an_image_to_find_it_in_the_collection(page, served, shapes_32):
+    from playwright.sync_api import expect
+
+    open_page(page, served)
+    page.set_input_files("#similar-file", str(shapes_32 / "square_blue_1.png"))
+    wait_until_answered(page, "search")
+    expect(page.locator("#search-query")).to_contain_text("square_blue_1.png")
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#search-results img")
+    first = page.locator("#search-results button.card").first
+    expect(first.locator(".caption")).to_have_text("a blue square")
+    assert shown_results(page)[0]["score"] > 0.99
+
+
+def test_zero_shot_shows_a_bar_per_label_and_server_errors_inline(page, served, shapes_32):
+    from playwright.sync_api import expect
+
+    open_page(page, served)
+    page.get_by_role("tab", name="Zero-shot").click()
+    page.set_input_files("#classify-file", str(shapes_32 / "circle_red_0.png"))
+    expect(page.locator("#classify-preview")).to_be_visible()
+    page.get_by_label("Labels").fill("circle\nsquare\ntriangle\ncross")
+    page.get_by_role("button", name="Classify").click()
+    wait_until_answered(page, "classify")
+    rows = page.locator("#classify-results li")
+    expect(rows).to_have_count(4)
+    labels = rows.locator(".bar-label").all_inner_texts()
+    percents = [float(text.rstrip(" %")) for text in rows.locator(".bar-value").all_inner_texts()]
+    widths = [box["width"] for box in (fill.bounding_box() for fill in rows.locator(".bar-fill").all())]
+    assert sorted(labels) == ["circle", "cross", "square", "triangle"]
+    assert abs(sum(percents) - 100) < 0.5 and percents == sorted(percents, reverse=True)
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
+
+    page.get_by_label("Labels").fill("circle")  # one label: the server refuses, the page shows its message
+    page.get_by_role("button", name="Classify").click()
+    wait_until_answered(page, "classify")
+    upload = {"name": "c.png", "mimeType": "image/png", "buffer": (shapes_32 / "circle_red_0.png").read_bytes()}
+    form = {"image": upload, "labels": "circle", "template": "a {}"}
+    detail = page.request.post(f"{served}/api/classify", multipart=form).json()["detail"]
+    expect(page.locator("#classify-error")).to_be_visible()
+    expect(page.locator("#classify-error")).to_have_text(detail)
+    expect(rows).to_have_count(0)
+
+
+def test_generate_shows_the_reranked_images(page, served):
+    from playwright.sync_api import expect
+
+    info = open_page(page, served)
+    page.get_by_role("tab", name="Generate").click()
+    panel = page.get_by_role("tabpanel")
+    expect(panel.locator(".notice")).to_be_hidden()
+    panel.get_by_label("Prompt", exact=True).fill("a blue square")
+    panel.get_by_label("Candidates", exact=True).fill("3")
+    panel.get_by_label("Keep best", exact=True).fill("2")
+    panel.get_by_role("button", name="Generate").click()
+    wait_until_answered(page, "generate")
+    expect(page.locator("#generate-error")).to_be_hidden()
+    images = page.locator("#generate-results img")
+    expect(images).to_have_count(2)
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#generate-results img")
+    assert images.evaluate_all("list => list.map(image => image.naturalWidth)") == [info["image_size"]] * 2
+    scores = [float(text.split()[-1]) for text in page.locator("#generate-results .score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)  # reranked by CLIP, best first
+
+
+def test_edit_draws_a_box_with_the_mouse_and_shows_candidates(page, served, shapes_32):
+    from playwright.sync_api import expect
+
+    open_page(page, served)
+    page.get_by_role("tab", name="Edit").click()
+    page.set_input_files("#edit-file", str(shapes_32 / "circle_red_0.png"))  # 32 x 32 pixels
+    canvas = page.locator("#edit-canvas")
+    expect(canvas).to_be_visible()
+    box = canvas.bounding_box()
+
+    def at(pixel_x: float, pixel_y: float) -> tuple[float, float]:  # screen point of an image position
+        return box["x"] + box["width"] * pixel_x / 32, box["y"] + box["height"] * pixel_y / 32
+
+    page.mouse.move(*at(4.7, 8.7))
+    page.mouse.down()
+    page.mouse.move(*at(20.3, 27.3), steps=4)
+    page.mouse.up()
+    panel = page.get_by_role("tabpanel")
+    expect(panel.get_by_role("textbox", name="Area to regenerate")).to_have_value("4,8,21,28")  # end exclusive
+    panel.get_by_label("Prompt", exact=True).fill("a green square")
+    panel.get_by_label("Candidates", exact=True).fill("2")
+    panel.get_by_label("Keep best", exact=True).fill("1")
+    panel.get_by_role("button", name="Fill the box").click()
+    wait_until_answered(page, "edit")
+    expect(page.locator("#edit-error")).to_be_hidden()
+    expect(page.locator("#edit-results img")).to_have_count(1)
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#edit-results img")
+
+
+def test_api_key_unlocks_the_page_and_generation_is_explained_when_off(page, served_locked):
+    from playwright.sync_api import expect
+
+    page.goto(served_locked)
+    key = page.get_by_label("API key")
+    expect(key).to_be_visible()
+    key.fill("wrong")
+    page.get_by_role("button", name="Unlock").click()
+    expect(page.locator("#auth-message")).to_contain_text("not accepted")
+    key.fill(API_KEY)
+    page.get_by_role("button", name="Unlock").click()
+    expect(page.locator("#status .chip")).to_have_count(3)
+    expect(key).to_be_hidden()
+
+    page.get_by_role("searchbox").fill("a black cross")
+    page.get_by_role("searchbox").press("Enter")
+    wait_until_answered(page, "search")
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#search-results img")  # thumbnails carry the key too
+
+    page.get_by_role("tab", name="Generate").click()
+    panel = page.get_by_role("tabpanel")
+    expect(panel.locator(".notice")).to_be_visible()
+    expect(panel.locator(".notice")).to_contain_text("--dalle")
+    expect(panel.get_by_role("button", name="Generate")).to_be_disabled()
+
+    page.reload()  # the key is remembered for the tab's session
+    expect(page.locator("#status .chip")).to_have_count(3)
+    expect(key).to_be_hidden()

@@ -1,0 +1,151 @@
+"""The shared training loop with a toy model: schedule, decay groups, learning, metrics, resume, DDP."""
+
+import csv
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from clipdalle import checkpoint
+from clipdalle.config import TrainConfig
+from clipdalle.runtime import resolve_device, resolve_dtype
+from clipdalle.training.loop import lr_at, parameter_groups, train
+
+
+@dataclass
+class ToyConfig:
+    width: int = 8  # toy width
+
+
+class Toy(torch.nn.Module):
+    model_type = "toy"
+    config_class = ToyConfig
+
+    def __init__(self, config: ToyConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = torch.nn.Embedding(4, config.width)
+        self.linear = torch.nn.Linear(config.width, 3)
+        self.norm = torch.nn.LayerNorm(config.width)
+
+    def forward(self, images):
+        return self.linear(self.norm(images.mean((2, 3)).repeat(1, 3)[:, : self.config.width]))
+
+
+def toy_loss(model, batch, progress):
+    target = batch["images"].mean((2, 3))
+    loss = torch.nn.functional.mse_loss(model(batch["images"]), target)
+    return loss, {"loss": loss.item()}
+
+
+def toy_evaluate(model, batches):
+    losses = [toy_loss(model, batch, 1.0)[0].item() for batch in batches]
+    return {"loss": sum(losses) / len(losses)}, torch.rand(3, 8, 8)
+
+
+def toy_batches(seed=0):
+    def open_batches(start_batch):
+        index = start_batch
+        while True:
+            generator = torch.Generator().manual_seed(seed * 100_000 + index)
+            images = torch.rand(8, 3, 4, 4, generator=generator)
+            index += 1
+            yield {"keys": [f"k{index}_{i}" for i in range(8)], "images": images, "captions": [""] * 8}
+
+    return open_batches
+
+
+@pytest.fixture(autouse=True)
+def register_toy(monkeypatch):
+    monkeypatch.setitem(checkpoint.MODEL_CLASSES, "toy", Toy)
+
+
+def config(**changes):
+    values = dict(steps=30, batch_size=8, lr=3e-2, warmup_steps=3, eval_every=10, save_every=10, log_every=5)
+    return TrainConfig(**{**values, **changes})
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    values = [lr_at(step, cfg) for step in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_no_decay_on_gains_biases_and_embeddings():
+    model = Toy(ToyConfig())
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(model.linear.weight)}
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 4
+
+
+def test_bad_device_and_dtype_are_clear_errors():
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="expected one of fp32, bf16, fp16"):
+        resolve_dtype("fp8")
+
+
+def test_training_learns_and_writes_the_run(tmp_path):
+    torch.manual_seed(0)
+    model = Toy(ToyConfig())
+    run = tmp_path / "run"
+    train(model, toy_loss, toy_batches(), run, config(), val_batches=lambda: toy_batches(1)(0), evaluate=toy_evaluate)
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    losses = [float(r["value"]) for r in rows if r["split"] == "train" and r["name"] == "loss"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert (run / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step_000010.png",
+        "step_000020.png",
+        "step_000030.png",
+    ]
+    loaded = checkpoint.load_model(run)
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.equal(loaded(x), model.eval()(x))
+    assert checkpoint.checkpoint_step(run) == 30
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    torch.manual_seed(0)
+    full = train(Toy(ToyConfig()), toy_loss, toy_batches(), tmp_path / "full", config())
+
+    def crashing_loss(model, batch, progress):
+        if progress >= 25 / 30:
+            raise RuntimeError("simulated crash")
+        return toy_loss(model, batch, progress)
+
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(Toy(ToyConfig()), crashing_loss, toy_batches(), tmp_path / "part", config())
+    assert checkpoint.checkpoint_step(tmp_path / "part") == 20
+    torch.manual_seed(123)  # a different init must not matter: weights come from the checkpoint
+    resumed = train(Toy(ToyConfig()), toy_loss, toy_batches(), tmp_path / "part", config(), resume=True)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    with open(tmp_path / "part" / "metrics.csv") as handle:
+        steps = [int(r["step"]) for r in csv.DictReader(handle) if r["name"] == "loss" and r["split"] == "train"]
+    assert steps == [5, 10, 15, 20, 25, 30]  # rows logged after the checkpoint were dropped, none duplicated
+
+
+def test_gradient_accumulation_reads_that_many_batches_per_step(tmp_path):
+    seen = []
+
+    def counting_loss(model, batch, progress):
+        seen.append(batch["keys"][0])
+        return toy_loss(model, batch, progress)
+
+    train(Toy(ToyConfig()), counting_loss, toy_batches(), tmp_path / "run", config(steps=5, grad_accum=3))
+    assert len(seen) == 15 and len(set(seen)) == 15
+    assert checkpoint.load_train_state(tmp_path / "run")["data_position"] == 15
+
+
+def test_bf16_autocast_trains(tmp_path):
+    torch.manual_seed(0)
+    model = train(Toy(ToyConfig()), toy_loss, toy_batches(), tmp_path / "run", config(steps=10, dtype="bf16"))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
