@@ -38,6 +38,7 @@ from .models.dalle import DALLE, PAD_ID, empty_captions
 from .models.decoding import ImageStep
 from .runtime import device_of, eval_mode, unwrap
 from .transforms import load_image
+from .zero_shot import similarity
 
 DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
 NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
@@ -289,8 +290,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], length: int) -> torch
 def clip_scores(clip: Any, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """CLIP cosine similarity (M,) of each image (M, 3, H, W) with its prompt, using a loaded CLIP bundle
     `(model, preprocess, tokenizer)` as returned by `clipdalle.clip.load` (images are resized to its input)."""
-    from .clip import similarity
-
     if not isinstance(clip, (tuple, list)) or len(clip) != 3:
         raise ValueError(
             "clip must be the (model, preprocess, tokenizer) bundle returned by clipdalle.clip.load(path), "

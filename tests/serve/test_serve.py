@@ -17,7 +17,7 @@ from helpers import assert_one_line_error, run  # noqa: E402
 
 from clipdalle import cli  # noqa: E402
 from clipdalle.serve import ServeModels, ServeSettings, create_app, load_models  # noqa: E402
-from clipdalle.serve.app import box_in_model_pixels  # noqa: E402
+from clipdalle.serve.generation_routes import box_in_model_pixels  # noqa: E402
 from clipdalle.serve.limits import GenerationQueue, QueueFull  # noqa: E402
 
 

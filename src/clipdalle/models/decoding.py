@@ -9,15 +9,12 @@ a prompt once and then one new position per step (tested equal to `DALLE.forward
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .layers import KVCache, ResidualAttentionBlock, SelfAttention, apply_layer_norm
-
-if TYPE_CHECKING:
-    from .dalle import DALLE
 
 
 def last_position_attention(attention: SelfAttention, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -106,7 +103,7 @@ class ImageStep:
     rounding. The weights are a snapshot taken at construction (a copy of the transformer's, ~4 bytes per
     parameter): build one per sampling run, not once per model."""
 
-    def __init__(self, model: DALLE):
+    def __init__(self, model: nn.Module):  # a clipdalle.models.dalle.DALLE
         config = model.config
         self.text_region = config.text_region
         self.image_length = config.image_length

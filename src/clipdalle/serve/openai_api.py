@@ -29,9 +29,10 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from .common import ApiError, api_key_check, decode_upload, png_bytes
-from .limits import GenerationQueue, read_upload
-from .models import ServeModels, ServeSettings
+from ..sampling import generate, inpaint, mask_from_image, variations
+from ..transforms import load_image
+from .common import ApiError, api_key_check, png_bytes
+from .context import ServeContext
 
 SIZES = {"256x256": 256, "512x512": 512, "1024x1024": 1024}  # DALL·E 2's sizes; "auto" = the model's own
 DEFAULT_SIZE = "1024x1024"  # OpenAI's default
@@ -129,8 +130,9 @@ def transparent_as_white(alpha: Image.Image) -> Image.Image:
     return alpha.point(lambda value: 255 if value < 128 else 0)
 
 
-def openai_router(models: ServeModels, settings: ServeSettings, queue: GenerationQueue) -> APIRouter:
+def openai_router(context: ServeContext) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    models, settings, queue = context.models, context.settings, context.queue
     authorised = [Depends(api_key_check(settings.api_key))]
     store = ImageStore(settings.url_seconds, settings.max_stored_images)
 
@@ -175,12 +177,11 @@ def openai_router(models: ServeModels, settings: ServeSettings, queue: Generatio
             raise ApiError(400, "image: this field is required (a PNG file)", param="image", code="missing_required")
         if len(uploads) > 1:
             raise ApiError(400, f"image: got {len(uploads)} images, this model edits one", param="image")
-        return await read_upload(uploads[0], settings.max_upload_bytes, "image")
+        data, _ = await context.upload(uploads[0], "image")
+        return data
 
     @router.post("/images/generations", dependencies=authorised, response_model=ImagesResponse)
     async def generations(request: Request, body: GenerationRequest) -> JSONResponse:
-        from ..sampling import generate
-
         n, size, response_format = check_options(body.n, body.size, body.response_format)
         prompt = check_prompt(body.prompt)
         if body.stream:
@@ -212,18 +213,15 @@ def openai_router(models: ServeModels, settings: ServeSettings, queue: Generatio
         response_format: str | None = Form(DEFAULT_FORMAT),
         model: str | None = Form(None),
     ) -> JSONResponse:
-        from ..sampling import inpaint, mask_from_image
-        from ..transforms import resize_crop, to_tensor
-
         n, size, response_format = check_options(n, size, response_format)
         prompt = check_prompt(prompt)
         need_dalle(model)
         image_data = await one_image(image, images)
-        mask_data = None if mask is None else await read_upload(mask, settings.max_upload_bytes, "mask")
+        mask_data = None if mask is None else (await context.upload(mask, "mask"))[0]
         side = models.image_size
 
         def prepare() -> tuple[Any, Any]:
-            picture = decode_upload(image_data, "image", param="image", max_pixels=settings.max_pixels)
+            picture = context.decode(image_data, "image", param="image")
             if mask_data is None:
                 alpha = alpha_of(image_data)
                 if alpha is None:
@@ -232,7 +230,7 @@ def openai_router(models: ServeModels, settings: ServeSettings, queue: Generatio
                     )
                 mask_picture = transparent_as_white(alpha)
             else:
-                decoded = decode_upload(mask_data, "mask", param="mask", max_pixels=settings.max_pixels)
+                decoded = context.decode(mask_data, "mask", param="mask")
                 if decoded.size != picture.size:
                     raise ApiError(
                         400, f"mask: is {decoded.width} x {decoded.height} pixels, the image "
@@ -244,7 +242,7 @@ def openai_router(models: ServeModels, settings: ServeSettings, queue: Generatio
             region = mask_from_image(mask_picture, side)  # (side, side) True where to regenerate
             if not bool(region.any()):
                 raise ApiError(400, "mask: has no transparent area, so there is nothing to regenerate", param="mask")
-            return to_tensor(resize_crop(picture, side)), region
+            return load_image(picture, side), region
 
         pixels, region = await run_in_threadpool(prepare)
         candidates = settings.rerank if models.clip is not None else 1
@@ -259,7 +257,7 @@ def openai_router(models: ServeModels, settings: ServeSettings, queue: Generatio
         return await run_in_threadpool(respond, request, results, size, response_format, model)
 
     @router.post("/images/variations", dependencies=authorised, response_model=ImagesResponse)
-    async def variations(
+    async def image_variations(
         request: Request,
         image: Annotated[UploadFile | None, File(description="the image to vary (PNG)")] = None,
         n: int | None = Form(1),
@@ -267,25 +265,18 @@ def openai_router(models: ServeModels, settings: ServeSettings, queue: Generatio
         response_format: str | None = Form(DEFAULT_FORMAT),
         model: str | None = Form(None),
     ) -> JSONResponse:
-        from ..sampling import variations as sample_variations
-        from ..transforms import resize_crop, to_tensor
-
         n, size, response_format = check_options(n, size, response_format)
         need_dalle(model)
         image_data = await one_image(image, None)
 
         def prepare() -> Any:
-            return to_tensor(
-                resize_crop(
-                    decode_upload(image_data, "image", "image", max_pixels=settings.max_pixels), models.image_size
-                )
-            )  # (3, S, S)
+            return load_image(context.decode(image_data, "image", param="image"), models.image_size)  # (3, S, S)
 
         pixels = await run_in_threadpool(prepare)
 
         def job() -> Any:
             # No prompt: the lower half of the code grid is resampled unconditionally (the empty caption).
-            return sample_variations(models.dalle, models.vae, models.tokenizer, pixels, "", n=n).images
+            return variations(models.dalle, models.vae, models.tokenizer, pixels, "", n=n).images
 
         results = await queue.run(job)
         return await run_in_threadpool(respond, request, results, size, response_format, model)

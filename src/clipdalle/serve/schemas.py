@@ -1,0 +1,79 @@
+"""The shapes of the page's JSON API (/api): what each route takes and returns, as its OpenAPI schema shows."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, StrictInt
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_n: int
+    max_keep: int
+    max_k: int
+    max_prompt_chars: int
+
+
+class Info(BaseModel):
+    images: int = Field(description="images in the index (0 without one)")
+    search: bool = Field(description="an index is loaded: /api/search, /api/similar, /api/images")
+    clip: bool = Field(description="a CLIP is loaded: /api/classify, /api/moderate, reranking")
+    dalle: bool = Field(description="a DALL·E model is loaded: /api/generate, /api/inpaint, /v1/images/*")
+    image_size: int | None = Field(description="side of generated images in pixels")
+    limits: Limits
+
+
+class SearchItem(BaseModel):
+    id: int
+    caption: str | None = Field(description="the image's first caption")
+    score: float = Field(description="cosine similarity with the query")
+    width: int
+    height: int
+    thumbnail: str
+    url: str
+
+
+class SearchResults(BaseModel):
+    query: str
+    results: list[SearchItem] = Field(description="best first")
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+    score: float = Field(description="cosine similarity of the image with the label's prompt")
+
+
+class Classification(BaseModel):
+    results: list[LabelScore] = Field(description="by probability, highest first")
+
+
+class ConceptScore(BaseModel):
+    concept: str
+    score: float
+    threshold: float
+    flagged: bool
+
+
+class Moderation(BaseModel):
+    flagged: bool
+    concepts: list[ConceptScore]
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(description='what to draw ("" samples unconditionally)')
+    n: StrictInt = Field(8, description="samples drawn")
+    keep: StrictInt | None = Field(None, description="best samples returned (default min(4, n))")
+    seed: StrictInt | None = Field(None, description="sample i uses seed + i; random when null")
+
+
+class GeneratedImage(BaseModel):
+    image: str = Field(description="data:image/png;base64,...")
+    clip_score: float | None
+    log_likelihood: float
+    seed: int
+
+
+class Generated(BaseModel):
+    prompt: str
+    native_size: int
+    images: list[GeneratedImage] = Field(description="best first")
