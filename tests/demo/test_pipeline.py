@@ -17,6 +17,7 @@ import torch
 from clipdalle import checkpoint, cli
 from clipdalle.config import load_preset
 from clipdalle.data import icons
+from clipdalle.demo import jobs as pipeline_jobs
 from clipdalle.demo import pipeline
 
 STAGES = [
@@ -81,7 +82,7 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
 
     for run, kind in (("vae", "dvae"), ("clip", "clip"), ("dalle", "dalle")):
         checkpoint.load_model(out / run, expect=kind)
-        assert pipeline.training_finished(out / run)
+        assert pipeline_jobs.training_finished(out / run)
         assert (out / "logs" / f"{run}.log").read_text().count("\n") > 2
     # dVAE and CLIP overlapped in time: the stage took less than the two processes one after the other
     timings, jobs = json.loads((out / "timings.json").read_text()), summary["jobs_s"]
@@ -108,7 +109,7 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
     # A second copy whose DALL·E training is killed mid-run by SIGKILL, then resumed by running the pipeline again.
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    pipeline.clear_run(resumed / "dalle", keep=("tokens", "subset.json"))
+    pipeline_jobs.clear_run(resumed / "dalle", keep=("tokens", "subset.json"))
     (resumed / "eval.json").unlink()
     (resumed / "report.html").unlink()
     long_preset = write_preset(
@@ -139,6 +140,7 @@ def test_a_failing_process_stops_the_pipeline_with_its_one_line_error(tmp_path, 
     preset = write_preset(tmp_path / "preset.json", spec)
     out = tmp_path / "out"
     (out / "vae").mkdir(parents=True)
+    (out / pipeline.MARKER).write_text("")  # an earlier pipeline's folder
     (out / "vae" / "stale.txt").write_text("from an earlier run")
     arguments = ["pipeline", "--preset", preset, "--out", str(out), "--data-dir", str(tmp_path / "data"), "--fresh"]
     assert cli.main(arguments) == 1
@@ -150,7 +152,7 @@ def test_a_failing_process_stops_the_pipeline_with_its_one_line_error(tmp_path, 
         and "vocab_size 100" in error[0]
         and str(out / "logs" / "clip.log") in error[0]
     )
-    assert not pipeline.training_finished(out / "vae")
+    assert not pipeline_jobs.training_finished(out / "vae")
     assert not (out / "timings.json").exists() or "dVAE + CLIP training" not in json.loads(
         (out / "timings.json").read_text()
     )
@@ -203,7 +205,21 @@ def test_families_are_chosen_by_seed_and_eta_follows_measured_speed():
 
 
 def test_one_line_error_prefers_the_cli_error_line():
-    assert pipeline.one_line_error(["step 1", "error: bad thing", "Traceback"]) == "bad thing"
-    assert pipeline.one_line_error(["Traceback (most recent call last):", "  File x", "KeyError: 'k'", ""]) == (
+    assert pipeline_jobs.one_line_error(["step 1", "error: bad thing", "Traceback"]) == "bad thing"
+    assert pipeline_jobs.one_line_error(["Traceback (most recent call last):", "  File x", "KeyError: 'k'", ""]) == (
         "KeyError: 'k'"
     )
+
+
+def test_fresh_never_deletes_a_folder_the_pipeline_did_not_make(tmp_path, capsys):
+    preset = write_preset(tmp_path / "preset.json", tiny_spec())
+    mine = tmp_path / "my-photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"irreplaceable")
+    for flags in (["--fresh"], []):
+        code = cli.main(["pipeline", "--preset", preset, "--out", str(mine), "--data-dir", str(tmp_path / "d"), *flags])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(error) == 1 and "did not make" in error[0] and str(mine) in error[0]
+        assert (mine / "holiday.jpg").read_bytes() == b"irreplaceable" and sorted(p.name for p in mine.iterdir()) == [
+            "holiday.jpg"
+        ]
