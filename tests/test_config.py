@@ -53,10 +53,23 @@ def test_flag_help_comes_from_field_comment():
     assert "peak learning rate" in parser.format_help()
 
 
-def test_presets_are_valid_json_with_known_sections():
-    for name in available_presets():
+def test_every_preset_builds_the_configs_it_names():
+    from clipdalle.demo.pipeline import pipeline_configs
+    from clipdalle.models import CLIPConfig, DALLEConfig, DVAEConfig
+
+    model_configs = {"vae": DVAEConfig, "clip": CLIPConfig, "dalle": DALLEConfig}
+    names = available_presets()
+    assert {"demo", "small", "ml6", "vae-tiny", "clip-tiny", "dalle-tiny"} <= set(names)
+    for name in names:
         preset = load_preset(name)
-        assert isinstance(preset, dict), name
+        kind = name.split("-")[0]
+        if kind in model_configs:  # a model preset: {"model": ..., "train": ...}, every field known and well typed
+            assert set(preset) <= {"description", "model", "train"}, name
+            build_config(model_configs[kind], preset.get("model", {}), source=name)
+            build_config(TrainConfig, preset.get("train", {}), source=name)
+        else:  # a pipeline preset composing three model presets that fit together
+            configs = pipeline_configs(preset, name)
+            assert set(configs) == {"vae", "clip", "dalle"}, name
 
 
 def test_missing_preset_lists_available():

@@ -258,13 +258,18 @@ def test_generation_contract_and_seeds(model, vae, tokenizer):
     assert len(unseeded.seeds) == 1
 
 
-def test_image_positions_never_emit_text_ids(tokenizer, vae):
-    model = make_model(tokenizer)  # 270 text ids, 16 image codes
-    with torch.no_grad():
-        model.text_head.bias.fill_(50.0)  # text ids score far above any code, yet only codes can be drawn
-    result = generate(model, vae, tokenizer, ["a red circle"], n=8, temperature=5.0, seed=0)
-    assert result.codes.min() >= 0 and result.codes.max() < 16
-    assert model(encode_prompts(tokenizer, ["x"], TEXT_LENGTH), result.codes[:1])[1].shape[-1] == 16
+@pytest.mark.parametrize(
+    "settings",
+    [dict(temperature=5.0), dict(temperature=0.0), dict(top_k=1), dict(top_p=0.01), dict(cond_scale=3.0)],
+    ids=["hot", "greedy", "top-1", "top-p", "guided"],
+)
+def test_every_setting_draws_codes_of_the_codebook_that_decode_to_the_images(model, vae, tokenizer, settings):
+    result = generate(model, vae, tokenizer, ["a red circle", ""], n=3, seed=0, **settings)
+    grid = vae.config.grid_size
+    assert result.codes.shape == (6, grid, grid) and result.codes.dtype == torch.long
+    assert 0 <= int(result.codes.min()) and int(result.codes.max()) < vae.config.vocab_size
+    torch.testing.assert_close(result.images, vae.decode(result.codes))
+    assert torch.isfinite(result.log_likelihood).all() and (result.log_likelihood <= 0).all()
 
 
 def tiny_clip(tokenizer) -> tuple:

@@ -38,8 +38,8 @@ class TrainConfig:
     save_every: int = 200  # steps between checkpoints (the run also saves at its last step)
     log_every: int = 10  # steps between training-metric rows in metrics.csv
     seed: int = 0  # seeds initialisation, data order, augmentation and sampling noise
-    num_workers: int = 0  # data-loader processes per training process; 0 decodes between steps, which on 2 cores
-    # beats a worker process fighting the compute threads (measured: 4.5x slower steps); raise it for big images
+    num_workers: int = 0  # data-loader processes per training process; 0 decodes between steps, which on few cores
+    # beats a worker process fighting the compute threads for small images; raise it for big images
     crop_scale: float = 1.0  # random resized crop keeps at least this share of the area; 1 = no crop (CLIP: 0.8)
     max_shift: float = 0.0  # random translation as a share of the image side; never colour jitter (colour is content)
     val_fraction: float = 0.02  # share of samples held out by a hash of their key when no val/ split exists

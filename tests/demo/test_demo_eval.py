@@ -7,65 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import BOLD_ICONS, SEEN_ICONS, VAL_ICONS
 
 from clipdalle import checkpoint
-from clipdalle.clip import CLIP, CLIPConfig
-from clipdalle.config import from_dict, load_preset, replace
 from clipdalle.data import icons
 from clipdalle.demo import evaluation as demo_eval
-from clipdalle.models.dalle import DALLE, DALLEConfig
-from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
 from clipdalle.tokenizers import CaptionTokenizer
 from clipdalle.zero_shot import encode_images, encode_texts
-
-VAL_ICONS = ["cup", "dog", "cube", "pencil"]  # validation icons (held-out families)
-SEEN_ICONS = ["account", "home", "heart", "circle", "square", "alpha-a", "arrow-up", "battery", "bell", "star"]
-BOLD_ICONS = ["account", "home", "heart", "circle", "square", "battery", "bell", "star"]  # judged exactly at 32 px
-
-
-def make_demo_out(root, size: int = 16):
-    """OUT with random tiny vae/clip/dalle runs (the DALL·E one with its dVAE and tokenizer) and an icon dataset
-    of SEEN_ICONS + VAL_ICONS at `size` px; call with icons.icon_names patched to those names."""
-    data = root / "data"
-    icons.build_icons(data, size=size, colours=8, names=SEEN_ICONS + VAL_ICONS, progress=False)
-    out = root / "out"
-    captions = [
-        caption
-        for name in SEEN_ICONS + VAL_ICONS
-        for colour in icons.PALETTE
-        for caption in icons.captions_for(name, colour)
-    ]
-    tokenizer = CaptionTokenizer.train(captions + [f"a {colour} icon" for colour in icons.PALETTE], 300)
-    torch.manual_seed(0)
-    vae = DiscreteVAE(replace(from_dict(DVAEConfig, load_preset("vae-tiny")["model"]), image_size=size))
-    for run in (out / "vae", out / "dalle" / "vae"):
-        checkpoint.save_model(run, vae)
-    checkpoint.write_json(out / "vae" / "eval.json", {"colour_accuracy": 0.995, "psnr": 20.0, "images": 32})
-    dalle_config = replace(from_dict(DALLEConfig, load_preset("dalle-tiny")["model"]), text_length=32)
-    checkpoint.save_model(out / "dalle", DALLE(dalle_config))
-    tokenizer.save(out / "dalle" / checkpoint.TOKENIZER_FILE)
-    clip_config = from_dict(CLIPConfig, load_preset("clip-tiny")["model"])
-    clip_config = replace(clip_config, image_size=size, vision_patch_size=4, context_length=32)
-    checkpoint.save_model(out / "clip", CLIP(clip_config))
-    tokenizer.save(out / "clip" / checkpoint.TOKENIZER_FILE)
-    return out, data
-
-
-@pytest.fixture(scope="module")
-def few_icons():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(icons, "icon_names", lambda: sorted(SEEN_ICONS + VAL_ICONS))
-        yield
-
-
-@pytest.fixture(scope="module")
-def evaluated(few_icons, tmp_path_factory):
-    out, data = make_demo_out(tmp_path_factory.mktemp("demo"))
-    metrics = demo_eval.evaluate_demo(
-        out, data, seen_names=SEEN_ICONS, val_names=VAL_ICONS, prompts=8, samples=4, seed=0, progress=False
-    )
-    return out, data, metrics
-
 
 # ------------------------------------------------------------------------------------------ end to end
 

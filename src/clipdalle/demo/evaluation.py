@@ -1,11 +1,11 @@
-"""The demo's evaluation (issue 6): every figure of the report and of the quality bar, from OUT/vae, OUT/clip and
+"""The demo's evaluation: every figure of the report and of the quality bar, from OUT/vae, OUT/clip and
 OUT/dalle of a finished pipeline.
 
 Prompts: `prompts` icons drawn with a seeded generator from the seen (DALL·E training) icons and as many from the
 validation icons, colours cycled over the palette, each as its first caption ("a red icon of a heart"). Every
 prompt gets `samples` samples, CLIP-reranked by `sampling.generate`; "best of n" is the sample CLIP ranks first.
 
-Judges (fixed by the issue, never tuned to the results):
+Judges (defined with the quality bar, never tuned to the results):
   colour: `icons.dominant_colour(image)` equals the prompt's colour;
   shape:  rank of the named icon among all 7,367 by `icons.mask_iou` of the sample's `icons.foreground_mask`
           against the foreground masks of every icon drawn in the prompt's colour (1 + the number of icons with a
@@ -181,7 +181,7 @@ def top_k_accuracy(scores: torch.Tensor, truth: torch.Tensor, k: int) -> float:
 
 
 def quality_bar(metrics: dict[str, Any], vae_eval: dict[str, Any] | None, preset: str = "demo") -> list[dict]:
-    """The issue's quality bar as rows {"name", "target", "measured", "pass"} (pass None: reported, no target)."""
+    """The quality bar as rows {"name", "target", "measured", "pass"} (pass None: reported, no target)."""
     rows = []
 
     def add(name: str, target: str, measured: str, passed: bool | None) -> None:

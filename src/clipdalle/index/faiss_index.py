@@ -13,9 +13,8 @@ import numpy as np
 
 from ..io import atomic_write
 
-EXACT_LIMIT = 9_999  # exact single-query p50 at 512-d: 1.1 ms at 9,999 vectors, 30-80 ms at 10,000 on a busy
-# 2-core machine, where faiss starts splitting one query's scan over OpenMP threads that wait on each other
-# (1.7-2.9 ms at 12-16k on one thread): exact search stops meeting a 2 ms p50 here (RESULTS.md, Search)
+EXACT_LIMIT = 9_999  # above 10,000 vectors faiss splits one query's exact scan over OpenMP threads that wait on
+# each other on a busy machine, and exact search stops meeting a 2 ms p50 (benchmarks/RESULTS.md, Search)
 MEMORY_BUDGET_MB = 2048  # codes + ids of the approximate index: 1M x 512-d float32 (1,961 MB) fits, more is 8-bit
 TARGET_RECALL = 0.95  # nprobe is raised until recall@10 vs exact search reaches this on the sample
 RECALL_QUERIES = 500  # stored vectors used as queries to measure recall@10

@@ -50,9 +50,8 @@ class BlockStep:
     inner loop of token-by-token decoding, where every matrix product has only B rows.
 
     The block's weights are copied once into the layout that suits such thin products: transposed to (in, out)
-    and contiguous, so each product is `torch.addmm(bias, x, weight)` = x @ W: for the 17 products of a DALL·E
-    step with 8 rows, 1.27x the speed of F.linear's x @ W.T (MKL on an AMD EPYC, 1 thread; 1.09x with 64). The attention
-    scale 1/sqrt(hs) is folded into the query weights, and single-query attention is two batched matrix
+    and contiguous, so each product is `torch.addmm(bias, x, weight)` = x @ W, which MKL runs faster for few rows
+    than F.linear's x @ W.T (benchmarks/RESULTS.md, DALL·E generation). The attention scale 1/sqrt(hs) is folded into the query weights, and single-query attention is two batched matrix
     products over the filled part of the cache (no mask building for causal layers: the cache holds only
     earlier positions). The copy is a snapshot: build a new `BlockStep` after the block's weights change."""
 

@@ -15,7 +15,7 @@ followed by these codes. Two ways to make the discrete bottleneck trainable:
 Layout: strided 4x4 convolutions halve the resolution `n_downsample` times, `n_resblock` residual blocks work at
 the code-grid resolution, and the decoder mirrors this with transposed convolutions; the same layout as
 DALLE-pytorch's DiscreteVAE, which benchmarks/bench_vae.py compares against. The decoder's output layer is
-linear: a sigmoid output saturates, and on mostly-white icons a prototype collapsed to an all-white image.
+linear: a sigmoid output saturates, and on mostly-white icons it can collapse to an all-white image.
 The reconstruction loss is MSE, L1, or the paper's logit-Laplace; on the 32 px icons L1 keeps colours right
 where MSE blurs thin strokes towards white (99.7 % vs 98.7 % right colour, same settings; benchmarks/RESULTS.md).
 """
@@ -133,7 +133,7 @@ def kl_weight_at(progress: float, weight: float) -> float:
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax((logits + g) / temperature) over the last dim, g ~ Gumbel(0, 1): the relaxed one-hot sample of
-    the DALL·E paper (section 2.1). The noise is -log(-log(u)) with u ~ U[0, 1), which CPUs draw ~4x faster than
+    the DALL·E paper (section 2.1). The noise is -log(-log(u)) with u ~ U[0, 1), which CPUs draw faster than
     torch's exponential sampler (F.gumbel_softmax's -log(Exponential)); u = 0 gives g = -inf, a zero weight."""
     noise = torch.rand_like(logits).log_().neg_().log_().neg_()
     return torch.softmax((logits + noise) / temperature, dim=-1)

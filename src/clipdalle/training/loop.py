@@ -160,8 +160,8 @@ def train(
     is_main = rank == 0
 
     model.to(device)
-    # fused=True: one kernel over all parameters instead of a Python loop; on CPU 0.15 s instead of 0.56 s per
-    # step for a CLIP with a 49,408-row embedding (benchmarks/RESULTS.md, CLIP section).
+    # fused=True: one kernel over all parameters instead of a Python loop per tensor, which dominates a small
+    # model's step with a large embedding (benchmarks/RESULTS.md, CLIP section).
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=True
     )
