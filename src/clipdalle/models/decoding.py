@@ -51,9 +51,10 @@ class BlockStep:
 
     The block's weights are copied once into the layout that suits such thin products: transposed to (in, out)
     and contiguous, so each product is `torch.addmm(bias, x, weight)` = x @ W, which MKL runs faster for few rows
-    than F.linear's x @ W.T (benchmarks/RESULTS.md, DALL·E generation). The attention scale 1/sqrt(hs) is folded into the query weights, and single-query attention is two batched matrix
-    products over the filled part of the cache (no mask building for causal layers: the cache holds only
-    earlier positions). The copy is a snapshot: build a new `BlockStep` after the block's weights change."""
+    than F.linear's x @ W.T (benchmarks/RESULTS.md, DALL·E generation). The attention scale 1/sqrt(hs) is folded
+    into the query weights, and single-query attention is two batched matrix products over the filled part of the
+    cache (no mask building for causal layers: the cache holds only earlier positions). The copy is a snapshot:
+    build a new `BlockStep` after the block's weights change."""
 
     def __init__(self, block: ResidualAttentionBlock):
         attention = block.attn
