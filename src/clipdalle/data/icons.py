@@ -385,10 +385,10 @@ def dominant_colour(images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] -> long (B,): index into PALETTE of the ink colour, -1 when there is no ink.
 
     The demo's colour judge as the quality bar defines it: the per-channel median of the foreground pixels,
-    nearest palette colour (Euclidean in RGB). It is strict on thin strokes (a median that is half ink, half white can land nearer
-    another colour): on the rendered icons themselves it is right for 99.45 % of the 58,936 images at 32 px, which
-    is the ceiling any model's reconstructions or samples are measured against. The bar is not moved by
-    changing the judge.
+    nearest palette colour (Euclidean in RGB). It is strict on thin strokes (a median that is half ink, half white
+    can land nearer another colour): on the rendered icons themselves it is right for 99.45 % of the 58,936 images
+    at 32 px, which is the ceiling any model's reconstructions or samples are measured against. The bar is not
+    moved by changing the judge.
     """
     foreground = foreground_mask(images)  # (B, H, W)
     B = images.shape[0]
