@@ -233,3 +233,12 @@ def test_mask_iou(masks):
     assert mask_iou(half, left).tolist() == [[0.5]]
     with pytest.raises(ValueError, match="one size"):
         mask_iou(left, torch.zeros(1, 5, 5, dtype=torch.bool))
+
+
+def test_common_icons_are_the_ones_other_icon_fonts_also_draw():
+    train = [name for name in icons.icon_names() if icons.split_of(name) == "train"]
+    common = icons.common_icons(train, 2)
+    assert {"heart", "home", "bell", "lock", "camera", "star", "cloud", "book"} <= set(common)
+    assert "heart-outline" not in common and "abugida-devanagari" not in common  # a variant; an icon only MDI draws
+    assert all(icons.fonts_drawing(name) >= 2 and icons.family_of(name) == name for name in common)
+    assert set(common) < set(icons.common_icons(train, 1)) and 100 < len(common) < 400

@@ -188,6 +188,17 @@ def test_pipeline_preset_errors_name_what_does_not_fit():
         pipeline.pipeline_configs({**tiny_spec(), "stages": []}, "p")
 
 
+def test_dalle_icons_follow_the_preset_rule():
+    train = [name for name in icons.icon_names() if icons.split_of(name) == "train"]
+    common, rule = pipeline.dalle_icons(train, {"common_icons": 2})
+    assert common == icons.common_icons(train, 2) and f"the {len(common)} icons" in rule
+    drawn, rule = pipeline.dalle_icons(train, {"families": 3}, seed=1)
+    assert len({icons.family_of(name) for name in drawn}) == 3 and "drawn at random (seed 1)" in rule
+    assert pipeline.dalle_icons(train, {})[0] == train
+    with pytest.raises(ValueError, match="common_icons: expected 1 to 5"):
+        pipeline.dalle_icons(train, {"common_icons": 0})
+
+
 def test_families_are_chosen_by_seed_and_eta_follows_measured_speed():
     names = ["account", "account-outline", "alarm", "bell", "bell-off", "camera", "dog"]
     first = pipeline.choose_families(names, 3, seed=0)

@@ -68,6 +68,17 @@ SPLIT_RULE = (
     "family = icon name with the modifier words {" + ", ".join(sorted(MODIFIER_WORDS)) + "} removed after the first "
     f"word; split = 'val' if int(sha1(family).hexdigest()[:8], 16) % 100 < {VAL_PERCENT} else 'train'"
 )
+# The other icon fonts qtawesome ships (Font Awesome 6 solid/regular, Phosphor, Remix, Codicons, Elusive): an MDI
+# family that most of them also draw is an icon people use everywhere ("home", "heart", "bell", "lock", ...).
+OTHER_FONT_CHARMAPS = (
+    ("fontawesome6-solid-webfont-charmap-6.7.2.json", "fontawesome6-regular-webfont-charmap-6.7.2.json"),
+    ("phosphor-charmap-1.3.0.json",),
+    ("remixicon-charmap-2.5.0.json",),
+    ("codicon-charmap-0.0.36.json",),
+    ("elusiveicons-webfont-charmap-2.0.json",),
+)
+# Style suffixes of the other fonts' names ("heart-fill", "bell-o", "lock-alt"): "heart-fill" draws a heart.
+STYLE_SUFFIXES = ("fill", "line", "outline", "regular", "solid", "bold", "thin", "light", "duotone", "o", "alt")
 SHUFFLE_SEED = 0  # fixed shuffle of (icon, colour) samples inside each split, so neighbours are unrelated
 SHARD_PREFIX = "icons"
 FOREGROUND_THRESHOLD = 120  # summed distance from white (0-765) above which a pixel is ink, not background
@@ -128,6 +139,36 @@ def split_of(name: str) -> str:
     """ "train" or "val", from a sha1 of the family (stable across runs and Python versions, unlike hash())."""
     digest = hashlib.sha1(family_of(name).encode("utf-8")).hexdigest()
     return "val" if int(digest[:8], 16) % 100 < VAL_PERCENT else "train"
+
+
+@lru_cache(maxsize=1)
+def _other_fonts() -> tuple[frozenset[str], ...]:
+    """One set of icon names per other font qtawesome ships, with their style suffixes also stripped."""
+    fonts = []
+    for files in OTHER_FONT_CHARMAPS:
+        names: set[str] = set()
+        for file in files:
+            path = font_folder() / file
+            if not path.is_file():
+                raise ValueError(f"{path} not found (another qtawesome version?): {INSTALL_HINT}")
+            for name in json.loads(path.read_text()):
+                first, _, last = name.rpartition("-")
+                names.add(name)
+                names.add(first if first and last in STYLE_SUFFIXES else name)
+        fonts.append(frozenset(names))
+    return tuple(fonts)
+
+
+def fonts_drawing(name: str) -> int:
+    """How many of the other icon fonts qtawesome ships (OTHER_FONT_CHARMAPS) draw an icon called `name`."""
+    return sum(name in font for font in _other_fonts())
+
+
+def common_icons(names: list[str], min_fonts: int) -> list[str]:
+    """The icons of `names` that name their own family ("heart", not "heart-outline") and that at least `min_fonts`
+    of the five other icon fonts qtawesome ships also draw: icons every interface uses ("home", "heart", "bell",
+    "lock", "camera", ...), sorted. The rule behind the demo's DALL·E subset: it trains on what people ask for."""
+    return sorted(name for name in names if family_of(name) == name and fonts_drawing(name) >= min_fonts)
 
 
 def _article(word: str) -> str:

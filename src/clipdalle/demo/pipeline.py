@@ -39,7 +39,7 @@ import torch
 
 from .. import checkpoint
 from ..config import TrainConfig, build_config, load_preset
-from ..data.icons import PALETTE, build_icons, dominant_colour, family_of, is_complete
+from ..data.icons import PALETTE, build_icons, common_icons, dominant_colour, family_of, is_complete
 from ..data.loader import SampleStream, make_loader
 from ..data.sources import open_source
 from ..index import build_index
@@ -56,6 +56,7 @@ MARKER = ".clipdalle-pipeline"  # written into OUT by the pipeline: `fresh` remo
 # A pipeline preset's sections: the icons, the three models (preset + overrides; dalle also `families`), the
 # evaluation sizes, the CPU threads to use (default: all cores) and the expected seconds of each stage (for the ETA).
 PRESET_SECTIONS = ("description", "icons", "vae", "clip", "dalle", "eval", "threads", "expected_s")
+SUBSET_KEYS = ("families", "common_icons")  # the dalle section's choice of training icons, besides model and train
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -89,7 +90,9 @@ def pipeline_configs(spec: dict[str, Any], name: str = "pipeline") -> dict[str, 
         "vae": model_and_train_configs(spec.get("vae", {}), DVAEConfig, "vae"),
         "clip": model_and_train_configs(spec.get("clip", {}), CLIPConfig, "clip"),
         "dalle": model_and_train_configs(
-            {key: value for key, value in spec.get("dalle", {}).items() if key != "families"}, DALLEConfig, "dalle"
+            {key: value for key, value in spec.get("dalle", {}).items() if key not in SUBSET_KEYS},
+            DALLEConfig,
+            "dalle",
         ),
     }
     vae, clip, dalle = configs["vae"][0], configs["clip"][0], configs["dalle"][0]
@@ -113,14 +116,32 @@ def icon_settings(spec: dict[str, Any]) -> dict[str, int]:
 
 def choose_families(train_names: list[str], count: int | None, seed: int = 0) -> list[str]:
     """`count` icon families drawn with a seeded RNG from the families of `train_names` (all when None), sorted."""
-    from ..data.icons import family_of
-
     families = sorted({family_of(name) for name in train_names})
     if count is None or count >= len(families):
         return families
     if count < 1:
         raise ValueError(f"dalle families: expected a positive number of icon families (or null for all), got {count}")
     return sorted(random.Random(seed).sample(families, count))
+
+
+def dalle_icons(train_names: list[str], dalle_spec: dict[str, Any], seed: int = 0) -> tuple[list[str], str]:
+    """(the training icons DALL·E learns, how they were chosen), from a preset's dalle section: `common_icons: M`
+    (the icons at least M other icon fonts draw: `icons.common_icons`), else `families: N` (N families drawn at
+    random, every icon of them; null or absent: every training icon)."""
+    if "common_icons" in dalle_spec:
+        min_fonts = dalle_spec["common_icons"]
+        if not isinstance(min_fonts, int) or not 1 <= min_fonts <= 5:
+            raise ValueError(
+                f"dalle common_icons: expected 1 to 5 (other icon fonts that draw the icon), got {min_fonts!r}"
+            )
+        chosen = common_icons(train_names, min_fonts)
+        return (
+            chosen,
+            f"the {len(chosen)} icons that at least {min_fonts} of the 5 other icon fonts in qtawesome also draw",
+        )
+    families = set(choose_families(train_names, dalle_spec.get("families"), seed))
+    chosen = [name for name in train_names if family_of(name) in families]
+    return chosen, f"every icon of {len(families)} icon families drawn at random (seed {seed})"
 
 
 def subset_folder_name(size: int, colours: int, names: list[str]) -> str:
@@ -174,8 +195,9 @@ class PipelineState:
         return {"prompts": 128, "samples": 16, "seed": 0, **self.spec.get("eval", {})}
 
     @property
-    def families(self) -> int | None:
-        return self.spec.get("dalle", {}).get("families")
+    def dalle_subset(self) -> dict[str, Any]:
+        """The preset's choice of DALL·E's training icons (see `dalle_icons`)."""
+        return {key: value for key, value in self.spec.get("dalle", {}).items() if key in SUBSET_KEYS}
 
     @property
     def pair_threads(self) -> int:
@@ -248,7 +270,7 @@ def dalle_data_done(state: PipelineState) -> bool:
     folder = state.dalle_data
     return (
         folder is not None
-        and state.subset.get("requested_families", "absent") == state.families  # the preset's subset, not an older one
+        and state.subset.get("requested", "absent") == state.dalle_subset  # the preset's subset, not an older one
         and is_complete(folder, state.icons["size"], state.icons["colours"])
         and cache_is_current(state.tokens_dir, state.run_dir("vae"), str(folder))
     )
@@ -257,9 +279,8 @@ def dalle_data_done(state: PipelineState) -> bool:
 def build_dalle_data(state: PipelineState, restart: bool) -> None:
     """The icons of the chosen training families plus every validation icon, and their dVAE codes."""
     icons, split, seed = state.icons, state.split(), state.evaluation["seed"]
-    chosen = choose_families(split["train"], state.families, seed=seed)
-    chosen_set = set(chosen)
-    seen = [name for name in split["train"] if family_of(name) in chosen_set]
+    seen, rule = dalle_icons(split["train"], state.dalle_subset, seed)
+    chosen = sorted({family_of(name) for name in seen})
     folder = state.data  # every training family: the whole dataset
     if len(seen) < len(split["train"]):
         folder = state.data_dir / subset_folder_name(icons["size"], icons["colours"], seen + split["val"])
@@ -271,7 +292,8 @@ def build_dalle_data(state: PipelineState, restart: bool) -> None:
         build_code_cache(vae, vae_dir, str(folder), state.tokens_dir, device=state.device)
         state.ran.add("DALL·E codes")  # DALL·E must start over on these codes
     state.subset = {
-        "requested_families": state.families,
+        "requested": state.dalle_subset,
+        "rule": rule,
         "families": chosen,
         "names": seen,
         "family_count": len(chosen),
@@ -281,7 +303,7 @@ def build_dalle_data(state: PipelineState, restart: bool) -> None:
         "data": str(folder),
     }
     write_json(state.run_dir("dalle") / "subset.json", state.subset)
-    print(f"DALL·E trains on {len(chosen)} families ({len(seen)} icons) + validation icons: {folder}", file=sys.stderr)
+    print(f"DALL·E trains on {rule} ({len(seen)} icons) + validation icons: {folder}", file=sys.stderr)
 
 
 def train_dalle(state: PipelineState, restart: bool) -> None:

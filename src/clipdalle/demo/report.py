@@ -461,12 +461,13 @@ def subset_section(out: Path) -> Html:
     if not subset:
         return paragraph("DALL·E trained on every training icon (no OUT/dalle/subset.json).")
     families, names = subset.get("families", []), subset.get("names", [])
+    rule = subset.get("rule") or f"{len(families)} icon families picked with a fixed seed"
     text = (
-        f"DALL·E trained on {len(families)} icon families ({len(names)} icons) picked with a fixed seed from the "
-        "training split, so that shapes become recognisable within the time budget; the seen prompts are drawn "
-        "from these icons, the validation prompts from held-out families."
+        f"DALL·E trained on {rule} ({len(names)} icons of {len(families)} icon families) from the training split, "
+        "so that shapes become recognisable within the time budget; the seen prompts are drawn from these icons, "
+        "the validation prompts from held-out families."
     )
-    listing = f"<details><summary>families</summary><pre>{escape(', '.join(families))}</pre></details>"
+    listing = f"<details><summary>icons</summary><pre>{escape(', '.join(names or families))}</pre></details>"
     return Html(paragraph(text) + listing)
 
 
