@@ -173,8 +173,9 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def write_generation(generation: Any, out: str | Path, n_col: int) -> None:
-    """OUT/NNN.png per image, OUT/grid.png, OUT/results.json (best first per prompt)."""
+def write_generation(generation: Any, out: str | Path, n_col: int, notices: dict[str, str] | None = None) -> None:
+    """OUT/NNN.png per image, OUT/grid.png, OUT/results.json (best first per prompt; `notice` where the prompt
+    names words the model never saw)."""
     import json
 
     from .checkpoint import write_json
@@ -193,6 +194,7 @@ def write_generation(generation: Any, out: str | Path, n_col: int) -> None:
                 "seed": generation.seeds[index],
                 "clip_score": score,
                 "log_likelihood": round(float(generation.log_likelihood[index]), 4),
+                "notice": (notices or {}).get(generation.prompts[index]),
             }
         )
     save_image(generation.images, out / "grid.png", n_col=n_col)
@@ -212,14 +214,28 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def prompt_notices(dalle_run: str | Path, prompts: list[str]) -> dict[str, str]:
+    """{prompt: notice} for the prompts that name words the DALL·E run never saw in training; each is printed."""
+    from .prompts import TrainingPrompts
+
+    known = TrainingPrompts.load(dalle_run)
+    notices = {} if known is None else {prompt: known.notice(prompt) for prompt in prompts if prompt.strip()}
+    notices = {prompt: notice for prompt, notice in notices.items() if notice}
+    for prompt, notice in notices.items():
+        print(f"warning: prompt {prompt!r}: {notice}", file=sys.stderr)
+    return notices
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .sampling import generate
 
     model, vae, tokenizer, clip_bundle = load_dalle_bundle(args)
+    prompts = read_prompts(args)
+    notices = prompt_notices(args.dalle, prompts)
     generation = generate(
-        model, vae, tokenizer, read_prompts(args), n=args.n, keep=args.keep, clip=clip_bundle, **sampling_options(args)
+        model, vae, tokenizer, prompts, n=args.n, keep=args.keep, clip=clip_bundle, **sampling_options(args)
     )
-    write_generation(generation, args.out, n_col=args.keep or args.n)
+    write_generation(generation, args.out, n_col=args.keep or args.n, notices=notices)
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
@@ -236,7 +252,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         model, vae, tokenizer, image, region, args.prompt, n=args.n, keep=args.keep, clip=clip_bundle,
         **sampling_options(args),
     )  # fmt: skip
-    write_generation(generation, args.out, n_col=args.keep or args.n)
+    write_generation(generation, args.out, n_col=args.keep or args.n, notices=prompt_notices(args.dalle, [args.prompt]))
 
 
 def cmd_variations(args: argparse.Namespace) -> None:
@@ -249,7 +265,7 @@ def cmd_variations(args: argparse.Namespace) -> None:
         model, vae, tokenizer, image, args.prompt, n=args.n, keep_rows=args.keep_rows, keep=args.keep,
         clip=clip_bundle, **sampling_options(args),
     )  # fmt: skip
-    write_generation(generation, args.out, n_col=args.keep or args.n)
+    write_generation(generation, args.out, n_col=args.keep or args.n, notices=prompt_notices(args.dalle, [args.prompt]))
 
 
 def image_paths(items: Sequence[str]) -> list[Path]:

@@ -42,6 +42,10 @@ def test_generate_reranks_with_clip(capsys, tiny_runs, tiny_clip_run, tmp_path):
     for first, second in (results[0:2], results[2:4]):
         assert first["clip_score"] >= second["clip_score"]
     assert all((out / r["file"]).exists() for r in results) and (out / "grid.png").exists()
+    assert all(r["notice"] is None for r in results)  # training captions: nothing to warn about
+    code, _, err = run(capsys, "generate", "--dalle", str(dalle), "a purple hexagon", "-n", "1", "--out", str(out))
+    assert code == 0 and "warning: prompt 'a purple hexagon': not in this model's training set: purple, hexagon" in err
+    assert json.loads((out / "results.json").read_text())[0]["notice"].endswith("expect a guess")
 
 
 def test_inpaint_and_variations_write_results(capsys, tiny_runs, shapes_32, tmp_path):

@@ -211,6 +211,29 @@ def test_generate_shows_the_reranked_images(page, served):
     assert images.evaluate_all("list => list.map(image => image.naturalWidth)") == [info["image_size"]] * 2
     scores = [float(text.split()[-1]) for text in page.locator("#generate-results .score").all_inner_texts()]
     assert scores == sorted(scores, reverse=True)  # reranked by CLIP, best first
+    expect(page.locator("#generate-notice")).to_be_hidden()  # "a blue square" is a training caption
+
+
+def test_generate_suggests_known_prompts_and_says_when_a_prompt_is_unseen(page, served):
+    from playwright.sync_api import expect
+
+    open_page(page, served)
+    page.get_by_role("tab", name="Generate").click()
+    prompt = page.get_by_role("tabpanel").get_by_label("Prompt", exact=True)
+    prompt.fill("a red c")
+    options = page.locator("#generate-suggestions option")
+    expect(options.first).to_have_attribute("value", "a red cross", timeout=WAIT_MS)  # the DALL·E's own captions
+    values = options.evaluate_all("list => list.map(option => option.value)")
+    assert {"a red circle", "a red cross"} <= set(values) and all(value.startswith("a red c") for value in values)
+    prompt.fill("a purple hexagon")
+    page.get_by_role("tabpanel").get_by_label("Candidates", exact=True).fill("1")
+    page.get_by_role("tabpanel").get_by_label("Keep best", exact=True).fill("1")
+    page.get_by_role("tabpanel").get_by_role("button", name="Generate").click()
+    wait_until_answered(page, "generate")
+    notice = page.locator("#generate-notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_have_text("not in this model's training set: purple, hexagon; expect a guess")
+    expect(page.locator("#generate-results img")).to_have_count(1)  # it still draws its guess
 
 
 def test_edit_draws_a_box_with_the_mouse_and_shows_candidates(page, served, shapes_32):

@@ -124,6 +124,16 @@ def test_classify_and_moderate(client, shapes_32):
     ]
 
 
+def test_prompt_suggestions_are_the_dalle_runs_training_captions(client):
+    response = client.get("/api/prompts", params={"q": "a red c", "k": 5})
+    assert response.status_code == 200, response.text
+    suggestions = response.json()["suggestions"]
+    assert suggestions and all(text.startswith("a red c") for text in suggestions)  # "a red circle", "a red cross"
+    assert client.get("/api/prompts", params={"q": "blue"}).json()["suggestions"][0].split().count("blue") == 1
+    assert client.get("/api/prompts", params={"q": "a purple hexagon"}).json()["suggestions"] == []
+    assert client.get("/api/prompts", params={"k": 51}).status_code == 422
+
+
 def test_generate_and_inpaint(client, shapes_32):
     request = {"prompt": "a red circle", "n": 3, "keep": 2, "seed": 7}
     response = client.post("/api/generate", json=request)
@@ -137,6 +147,9 @@ def test_generate_and_inpaint(client, shapes_32):
     assert again["images"] == body["images"]  # a seed reproduces its samples
     default_keep = client.post("/api/generate", json={"prompt": "", "n": 2}).json()
     assert len(default_keep["images"]) == 2  # keep defaults to min(4, n); "" samples unconditionally
+    assert body["notice"] is None and default_keep["notice"] is None  # a training caption; no prompt at all
+    unseen = client.post("/api/generate", json={"prompt": "a purple hexagon", "n": 1}).json()
+    assert unseen["notice"] == "not in this model's training set: purple, hexagon; expect a guess"
 
     # A 64 x 32 upload: the box is in its pixels; the model sees its centre 32 x 32 square resized to 16.
     wide = Image.new("RGB", (64, 32), "white")

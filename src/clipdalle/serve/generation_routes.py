@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from ..sampling import generate, inpaint, parse_box
 from ..transforms import load_image
 from .common import ApiError, data_url, png_bytes
 from .context import ServeContext
-from .schemas import Generated, GenerateRequest
+from .schemas import Generated, GenerateRequest, Suggestions
+
+MAX_SUGGESTIONS = 50
 
 
 def box_in_model_pixels(box: list[int], width: int, height: int, size: int) -> list[int]:
@@ -57,7 +59,17 @@ def generation_router(context: ServeContext) -> APIRouter:
                     "seed": int(generation.seeds[number]),
                 }
             )
-        return {"prompt": prompt, "native_size": models.image_size, "images": images}
+        notice = models.prompts.notice(prompt) if models.prompts is not None and prompt else None
+        return {"prompt": prompt, "native_size": models.image_size, "notice": notice, "images": images}
+
+    @router.get("/prompts", response_model=Suggestions, summary="prompts the DALL·E model knows, for a typed text")
+    def suggest(
+        q: str = Query("", description="what has been typed so far"),
+        k: int = Query(10, ge=1, le=MAX_SUGGESTIONS, description="suggestions"),
+    ) -> dict:
+        context.need_dalle()
+        query = context.check_text("q", q, allow_empty=True)
+        return {"query": query, "suggestions": [] if models.prompts is None else models.prompts.suggest(query, k)}
 
     @router.post("/generate", response_model=Generated, summary="text -> images, best first (CLIP-reranked)")
     async def generate_images(request: GenerateRequest) -> dict:

@@ -46,6 +46,7 @@ class ServeModels:
     dalle: Any = None  # clipdalle.dalle.DALLE, or None: no generation
     vae: Any = None  # the dVAE the DALL·E model was trained with (RUN/vae)
     tokenizer: Any = None  # the DALL·E model's caption tokenizer (RUN/tokenizer.json)
+    prompts: Any = None  # clipdalle.prompts.TrainingPrompts of the DALL·E run (RUN/prompts.json), or None
 
     def __post_init__(self) -> None:
         if self.index is not None and self.clip is None:
@@ -101,7 +102,9 @@ def load_models(
         models.clip = load(clip, device=device)
     if dalle is not None:
         from ..checkpoint import load_dalle
+        from ..prompts import TrainingPrompts
 
         models.dalle, models.vae, models.tokenizer = load_dalle(dalle, device)
+        models.prompts = TrainingPrompts.load(dalle)
     models.__post_init__()
     return models

@@ -76,4 +76,10 @@ class GeneratedImage(BaseModel):
 class Generated(BaseModel):
     prompt: str
     native_size: int
+    notice: str | None = Field(None, description="set when the prompt names words the model never saw in training")
     images: list[GeneratedImage] = Field(description="best first")
+
+
+class Suggestions(BaseModel):
+    query: str
+    suggestions: list[str] = Field(description="training captions of the DALL·E model, most frequent first")

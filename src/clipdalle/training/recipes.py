@@ -19,9 +19,10 @@ import torch
 from .. import checkpoint, evaluate, sampling
 from ..config import TrainConfig, replace
 from ..data.loader import Augment, SampleStream, batches, make_loader
-from ..data.sources import open_source, resolve_splits
+from ..data.sources import is_validation, open_source, resolve_splits
 from ..models import CLIP, DALLE, DiscreteVAE
 from ..pretrained import load
+from ..prompts import write_training_prompts
 from ..runtime import barrier, distributed_context, init_distributed, resolve_device
 from ..tokenizers import CaptionTokenizer, ClipTokenizer
 from ..tokenizers.caption import MIN_VOCAB_SIZE
@@ -253,6 +254,9 @@ def train_dalle(
     barrier()
     train_source = open_code_cache(tokens, "train")
     has_val = (tokens / "val-00000.npz").exists()
+    if rank == 0:  # what the model knows, for prompt suggestions and the unseen-prompt notice
+        trained = (record for record in train_source if has_val or not is_validation(record.key, config.val_fraction))
+        write_training_prompts(out, (caption for record in trained for caption in record.captions))
     val_source = open_code_cache(tokens, "val") if has_val else train_source
 
     def train_stream(start_batch: int) -> SampleStream:

@@ -448,7 +448,33 @@ function renderGenerated(panel, answer, what) {
   grid.dataset.nativeSize = answer.native_size;
 }
 
+// Suggestions come from the DALL·E model's own training captions: prompts it knows how to draw.
+async function suggestPrompts() {
+  const typed = element("generate-prompt").value;
+  try {
+    const answer = await apiJson(`/api/prompts?${new URLSearchParams({ q: typed, k: "10" })}`);
+    if (element("generate-prompt").value !== typed) return; // the user typed on meanwhile
+    element("generate-suggestions").replaceChildren(
+      ...answer.suggestions.map((text) => make("option", { value: text })),
+    );
+  } catch (error) {
+    element("generate-suggestions").replaceChildren(); // suggestions are a convenience; generation still works
+  }
+}
+
+function showNotice(id, text) {
+  const notice = element(id);
+  notice.textContent = text || "";
+  notice.hidden = !text;
+}
+
 function wireGenerate() {
+  let pending = null;
+  element("generate-prompt").addEventListener("input", () => {
+    clearTimeout(pending);
+    pending = setTimeout(suggestPrompts, 150);
+  });
+  element("generate-prompt").addEventListener("focus", suggestPrompts, { once: true });
   element("generate-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const seedText = element("generate-seed").value.trim();
@@ -464,6 +490,7 @@ function wireGenerate() {
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
       });
+      showNotice("generate-notice", answer.notice);
       renderGenerated("generate", answer, "Generated image");
     });
   });
