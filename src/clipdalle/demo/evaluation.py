@@ -39,6 +39,8 @@ GALLERY_ROWS = 8  # prompts in the gallery: 4 seen and 4 validation icons, each 
 EXAMPLE_CANDIDATES = 8  # candidates drawn for the inpainting and variation examples
 GUIDE_STEPS = 60  # CLIP-guided example: Adam steps from the best DALL·E sample (a few seconds at demo size)
 SHAPE_TARGETS = {"demo": 100, "small": 20}  # the quality bar's median rank of the named icon, best of n, seen icons
+BOOTSTRAP_ROUNDS = 2000  # resamples of the prompts behind each 95 % interval
+CONFIDENCE = 0.95  # a quality-bar target holds when this interval lies wholly on its side of the bar
 
 DEFINITIONS = {
     "prompts": (
@@ -120,10 +122,10 @@ def rank_summary(ranks: torch.Tensor) -> dict[str, float]:
     return summary
 
 
-def r_precision(similarity: torch.Tensor, truth: torch.Tensor, r: int, seed: int = 0) -> float:
-    """CLIP R-precision: similarity (N, P) of N images with the P prompts of their set, truth (N,) the index of
-    each image's own prompt. Each image competes with its prompt and r - 1 others drawn at random (all others when
-    P <= r); a hit when its own prompt scores strictly highest. Returns the share of hits."""
+def r_precision_hits(similarity: torch.Tensor, truth: torch.Tensor, r: int, seed: int = 0) -> torch.Tensor:
+    """CLIP R-precision per image: similarity (N, P) of N images with the P prompts of their set, truth (N,) the
+    index of each image's own prompt. Each image competes with its prompt and r - 1 others drawn at random (all
+    others when P <= r); a hit (True) when its own prompt scores strictly highest. Returns bool (N,)."""
     N, P = similarity.shape
     if r < 2:
         raise ValueError(f"r_precision: r must be at least 2 (its own prompt and one other), got {r}")
@@ -131,13 +133,28 @@ def r_precision(similarity: torch.Tensor, truth: torch.Tensor, r: int, seed: int
     if others < 1:
         raise ValueError(f"r_precision: needs at least 2 prompts in the set, got {P}")
     generator = torch.Generator().manual_seed(seed)
-    hits = 0
+    hits = torch.zeros(N, dtype=torch.bool)
     for row in range(N):
         own = int(truth[row])
         pool = torch.tensor([index for index in range(P) if index != own])
         drawn = pool[torch.randperm(len(pool), generator=generator)[:others]]
-        hits += int(similarity[row, own] > similarity[row, drawn].max())
-    return hits / N
+        hits[row] = bool(similarity[row, own] > similarity[row, drawn].max())
+    return hits
+
+
+def r_precision(similarity: torch.Tensor, truth: torch.Tensor, r: int, seed: int = 0) -> float:
+    """The share of hits of `r_precision_hits`."""
+    return float(r_precision_hits(similarity, truth, r, seed).double().mean())
+
+
+def bootstrap_interval(statistic: Any, prompts: int, seed: int, rounds: int = BOOTSTRAP_ROUNDS) -> list[float]:
+    """[low, high]: the central CONFIDENCE interval of `statistic(rows)` over `rounds` resamples of the prompts
+    (rows: LongTensor (rounds, prompts) of prompt indices drawn with replacement; statistic returns (rounds,))."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, prompts, (rounds, prompts), generator=generator)
+    values = statistic(rows).double()  # (rounds,)
+    tail = (1 - CONFIDENCE) / 2
+    return [float(values.quantile(tail)), float(values.quantile(1 - tail))]
 
 
 def trace_sqrt_product(cov_a: torch.Tensor, cov_b: torch.Tensor) -> torch.Tensor:
@@ -180,8 +197,16 @@ def top_k_accuracy(scores: torch.Tensor, truth: torch.Tensor, k: int) -> float:
     return float((top == truth.view(-1, 1)).any(dim=1).double().mean())  # truth as (N, 1)
 
 
+def percent_interval(interval: list[float]) -> str:
+    return f"95 % CI {100 * interval[0]:.1f}–{100 * interval[1]:.1f}"
+
+
 def quality_bar(metrics: dict[str, Any], vae_eval: dict[str, Any] | None, preset: str = "demo") -> list[dict]:
-    """The quality bar as rows {"name", "target", "measured", "pass"} (pass None: reported, no target)."""
+    """The quality bar as rows {"name", "target", "measured", "pass"} (pass None: reported, no target).
+
+    Figures over the sampled prompts are judged by their 95 % bootstrap interval over the prompts (`set_intervals`):
+    a target holds when the whole interval is on its side of the bar, so a pass is not a lucky draw of prompts.
+    Figures over every validation icon (zero-shot, dVAE) are the whole population and judged as measured."""
     rows = []
 
     def add(name: str, target: str, measured: str, passed: bool | None) -> None:
@@ -189,80 +214,81 @@ def quality_bar(metrics: dict[str, Any], vae_eval: dict[str, Any] | None, preset
 
     zero_shot = metrics["zero_shot"]["colour_accuracy"]
     add("CLIP zero-shot colour accuracy, validation icons", ">= 98 %", f"{100 * zero_shot:.1f} %", zero_shot >= 0.98)
+    name = "dVAE reconstructions of validation icons, right colour"
     if vae_eval and "colour_accuracy" in vae_eval:
         accuracy = vae_eval["colour_accuracy"]
-        add(
-            "dVAE reconstructions of validation icons, right colour",
-            ">= 99 %",
-            f"{100 * accuracy:.2f} %",
-            accuracy >= 0.99,
-        )
+        add(name, ">= 99 %", f"{100 * accuracy:.2f} %", accuracy >= 0.99)
     else:
-        add(
-            "dVAE reconstructions of validation icons, right colour",
-            ">= 99 %",
-            "not measured (no OUT/vae/eval.json)",
-            None,
-        )
+        add(name, ">= 99 %", "not measured (no OUT/vae/eval.json)", None)
     shape_target = SHAPE_TARGETS.get(preset)
     for split, label in (("seen", "seen icons"), ("val", "validation icons")):
         figures = metrics["generation"][split]
-        n = figures["samples"]
+        n, intervals = figures["samples"], figures["intervals"]
         colour = figures["colour_fidelity"]
+        low = intervals["colour_per_sample"]
         add(
             f"Colour fidelity per sample, {label}",
-            ">= 95 %",
-            f"{100 * colour['per_sample']:.1f} %",
-            colour["per_sample"] >= 0.95,
+            ">= 95 % (whole 95 % CI)",
+            f"{100 * colour['per_sample']:.1f} % ({percent_interval(low)})",
+            low[0] >= 0.95,
         )
+        best = intervals["colour_best_of_n"]
         add(
             f"Colour fidelity best of {n}, {label}",
-            ">= 98 %",
-            f"{100 * colour['best_of_n']:.1f} %",
-            colour["best_of_n"] >= 0.98,
+            ">= 98 % (whole 95 % CI)",
+            f"{100 * colour['best_of_n']:.1f} % ({percent_interval(best)})",
+            best[0] >= 0.98,
         )
         shape = figures["shape_rank"]
-        best, per_sample = shape["best_of_n"]["median"], shape["per_sample"]["median"]
+        best_median, per_sample_median = shape["best_of_n"]["median"], shape["per_sample"]["median"]
+        median_interval = intervals["shape_median_best_of_n"]
+        shape_text = f"{best_median:g} (95 % CI {median_interval[0]:g}–{median_interval[1]:g})"
         if split == "seen" and shape_target is not None:
             add(
                 f"Shape: median rank of the named icon, best of {n}, {label}",
-                f"<= {shape_target} ({preset})",
-                f"{best:g}",
-                best <= shape_target,
+                f"<= {shape_target} ({preset}; whole 95 % CI)",
+                shape_text,
+                median_interval[1] <= shape_target,
             )
         else:
-            add(f"Shape: median rank of the named icon, best of {n}, {label}", "reported", f"{best:g}", None)
-        colour_helps = colour["best_of_n"] > colour["per_sample"] or colour["best_of_n"] == 1.0
+            add(f"Shape: median rank of the named icon, best of {n}, {label}", "reported", shape_text, None)
+        gain = intervals["colour_gain"]
         add(
             f"Reranking helps colour, {label}",
-            "best of n > per sample",
-            f"{100 * colour['best_of_n']:.1f} % vs {100 * colour['per_sample']:.1f} %",
-            colour_helps,
+            "best of n > per sample (95 % CI of the gain above 0, or every kept image right)",
+            f"{100 * colour['best_of_n']:.1f} % vs {100 * colour['per_sample']:.1f} %; gain "
+            f"{percent_interval(gain)} points",
+            gain[0] > 0 or colour["best_of_n"] == 1.0,
         )
         add(
             f"Reranking helps shape, {label}",
-            "best-of-n median rank < per-sample (both at rank 1: more at rank 1, no fewer in the top 10)",
-            f"median {best:g} vs {per_sample:g}; rank 1: {100 * shape['best_of_n']['within_1']:.1f} % vs "
-            f"{100 * shape['per_sample']['within_1']:.1f} %; top 10: {100 * shape['best_of_n']['within_10']:.1f} % vs "
-            f"{100 * shape['per_sample']['within_10']:.1f} %",
-            shape_reranking_helps(shape["best_of_n"], shape["per_sample"]),
+            "best-of-n median rank < per-sample (both at rank 1: more at rank 1, no fewer in the top 10), "
+            "95 % CI of the gain above 0",
+            f"median {best_median:g} vs {per_sample_median:g}; rank 1: {100 * shape['best_of_n']['within_1']:.1f} % "
+            f"vs {100 * shape['per_sample']['within_1']:.1f} % "
+            f"(gain {percent_interval(intervals['shape_within_1_gain'])} points); top 10: "
+            f"{100 * shape['best_of_n']['within_10']:.1f} % vs {100 * shape['per_sample']['within_10']:.1f} %",
+            shape_reranking_helps(shape["best_of_n"], shape["per_sample"], intervals),
         )
         precision = figures["r_precision"]
+        gain = intervals["r_precision_gain"]
         add(
             f"Reranking helps CLIP R-precision, {label}",
-            "kept > random",
-            f"{100 * precision['kept']:.1f} % vs {100 * precision['random']:.1f} %",
-            precision["kept"] > precision["random"],
+            "kept > random (95 % CI of the gain above 0)",
+            f"{100 * precision['kept']:.1f} % vs {100 * precision['random']:.1f} %; "
+            f"gain {percent_interval(gain)} points",
+            gain[0] > 0,
         )
     return rows
 
 
-def shape_reranking_helps(best: dict[str, float], per_sample: dict[str, float]) -> bool:
-    """Best-of-n shape ranks (rank_summary) beat per-sample ones: a lower median; when both medians are already
-    1, the floor, the median cannot show it, so more kept images at rank 1 and no fewer within the top 10."""
+def shape_reranking_helps(best: dict[str, float], per_sample: dict[str, float], intervals: dict[str, list]) -> bool:
+    """Best-of-n shape ranks (rank_summary) beat per-sample ones beyond the 95 % interval: a lower median; when both
+    medians are already 1, the floor, the median cannot show it, so more kept images at rank 1 and no fewer within
+    the top 10."""
     if best["median"] == per_sample["median"] == 1:
-        return best["within_1"] > per_sample["within_1"] and best["within_10"] >= per_sample["within_10"]
-    return best["median"] < per_sample["median"]
+        return intervals["shape_within_1_gain"][0] > 0 and best["within_10"] >= per_sample["within_10"]
+    return intervals["shape_median_gain"][0] > 0
 
 
 # ------------------------------------------------------------------------------------------ icons and judges
@@ -384,6 +410,45 @@ def sample_prompts(
     }
 
 
+def set_intervals(
+    hits: torch.Tensor,
+    ranks: torch.Tensor,
+    kept: torch.Tensor,
+    kept_hits: torch.Tensor,
+    random_hits: torch.Tensor,
+    seed: int,
+) -> dict[str, list[float]]:
+    """95 % bootstrap intervals over the prompts of one set's figures, from per-sample colour verdicts (P, n),
+    shape ranks (P, n), the kept sample of each prompt (P,), and R-precision hits of the kept (P,) and of every
+    sample (P, n); the differences are paired (the same resampled prompts on both sides)."""
+    P = hits.shape[0]
+    rows = torch.arange(P)
+    hit_rate = hits.double().mean(1)  # (P,) per prompt
+    kept_hit = hits[rows, kept].double()  # (P,)
+    best_ranks = ranks[rows, kept]  # (P,)
+    random_rate = random_hits.double().mean(1)  # (P,)
+
+    def within(values: torch.Tensor, threshold: int) -> torch.Tensor:
+        return (values <= threshold).double()
+
+    per_sample_within = {threshold: within(ranks, threshold).mean(1) for threshold in (1, 10)}  # (P,) each
+    best_within = {threshold: within(best_ranks, threshold) for threshold in (1, 10)}  # (P,) each
+    statistics = {
+        "colour_per_sample": lambda r: hit_rate[r].mean(1),
+        "colour_best_of_n": lambda r: kept_hit[r].mean(1),
+        "colour_gain": lambda r: (kept_hit[r] - hit_rate[r]).mean(1),
+        "shape_median_best_of_n": lambda r: best_ranks[r].double().median(1).values,
+        "shape_median_per_sample": lambda r: ranks[r].flatten(1).double().median(1).values,
+        "shape_median_gain": lambda r: (
+            ranks[r].flatten(1).double().median(1).values - best_ranks[r].double().median(1).values
+        ),
+        "shape_within_1_gain": lambda r: (best_within[1][r] - per_sample_within[1][r]).mean(1),
+        "shape_within_10_gain": lambda r: (best_within[10][r] - per_sample_within[10][r]).mean(1),
+        "r_precision_gain": lambda r: (kept_hits.double()[r] - random_rate[r]).mean(1),
+    }
+    return {name: bootstrap_interval(statistic, P, seed) for name, statistic in statistics.items()}
+
+
 def set_figures(
     pairs: list[tuple[str, str]],
     generated: dict[str, torch.Tensor],
@@ -423,6 +488,8 @@ def set_figures(
     similarity = features @ prompt_features.T  # (P*n, P)
     truth = rows.repeat_interleave(n)  # (P*n,)
     kept_rows = rows * n + kept  # (P,) rows of the kept samples in `flat`
+    kept_hits = r_precision_hits(similarity[kept_rows], truth[kept_rows], R_PRECISION_R, seed)  # (P,)
+    random_hits = r_precision_hits(similarity, truth, R_PRECISION_R, seed).view(P, n)  # (P, n)
     figures = {
         "prompts": P,
         "samples": n,
@@ -445,12 +512,15 @@ def set_figures(
         },
         "r_precision": {
             "r": min(R_PRECISION_R, P),
-            "kept": r_precision(similarity[kept_rows], truth[kept_rows], R_PRECISION_R, seed),
-            "random": r_precision(similarity, truth, R_PRECISION_R, seed),
+            "kept": float(kept_hits.double().mean()),
+            "random": float(random_hits.double().mean()),
         },
         "clip_score": {"kept_mean": float(scores[rows, kept].mean()), "all_mean": float(scores.mean())},
+        "intervals": set_intervals(hits, ranks, kept, kept_hits, random_hits, seed),
     }
     tensors = {
+        "hits": hits,  # (P, n) colour verdicts
+        "ranks": ranks,  # (P, n) shape ranks
         "features": features.view(P, n, -1),  # (P, n, D)
         "real_features": encode_images(clip_model, real),  # (P, D)
         "real": real,
