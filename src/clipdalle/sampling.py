@@ -103,8 +103,9 @@ def gumbel_noise(uniform: torch.Tensor) -> torch.Tensor:
 
 
 def code_log_probs(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """log p(code) under softmax(logits): logits (..., V), codes (...) -> (...)."""
-    return logits.log_softmax(-1).gather(-1, codes[..., None])[..., 0]
+    """log p(code) under softmax(logits): logits (..., V), codes (...) -> (...), in fp32 whatever the logits' dtype
+    (a sum of 256 bf16 log-probabilities would carry bf16's rounding into the ranking)."""
+    return logits.float().log_softmax(-1).gather(-1, codes[..., None])[..., 0]
 
 
 def choose_codes(
@@ -127,7 +128,10 @@ def choose_codes(
 
 class SampleNoise:
     """Gumbel noise (B, V) for each of `length` code indices, from one generator per sample seeded with its seed,
-    so a sample's draws do not depend on the batch it runs in. Indices must be asked in increasing order."""
+    so a sample's draws do not depend on the batch it runs in. Indices must be asked in increasing order.
+
+    The generators are CPU generators on every device, so a seed gives the same noise on a GPU as on the CPU;
+    the uniform draws travel to `device` and the logarithms run there."""
 
     def __init__(self, seeds: Sequence[int], vocab_size: int, length: int, device: torch.device | str = "cpu"):
         self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -145,7 +149,7 @@ class SampleNoise:
         while self.loaded < wanted:  # skipped chunks are drawn too: each sample's stream stays aligned to its seed
             uniform = torch.stack([torch.rand(self.chunk, self.vocab_size, generator=g) for g in self.generators])
             self.loaded += 1
-            self.block = gumbel_noise(uniform).to(self.device) if self.loaded == wanted else None  # (B, chunk, V)
+            self.block = gumbel_noise(uniform.to(self.device)) if self.loaded == wanted else None  # (B, chunk, V)
         return self.block[:, index % self.chunk]
 
 
