@@ -601,11 +601,12 @@ def _sample_batches(
 
 
 def _decode_batches(vae: nn.Module, codes: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Images (M, 3, H, W) in fp32 (also when decoded under autocast) from codes (M, h*w)."""
     grid = vae.config.grid_size
     images = []
     for begin in range(0, len(codes), batch_size):
         images.append(vae.decode(codes[begin : begin + batch_size].view(-1, grid, grid)))  # codes (b, h, w)
-    return torch.cat(images)  # (M, 3, H, W)
+    return torch.cat(images).float()  # (M, 3, H, W)
 
 
 def _resample(
