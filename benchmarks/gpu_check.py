@@ -214,7 +214,7 @@ def section_env(check: Check) -> dict:
     result["matmul"] = "bf16 8192^3" if check.device == "cuda" else "fp32 1024^2 (CPU)"
     say(
         f"{result.get('gpu', 'cpu')}, torch {torch.__version__}: "
-        f"{result['matmul']} {result['matmul_flops'] / 1e12:.1f} TFLOP/s"
+        f"{result['matmul']} {result['matmul_flops'] / 1e12:.3g} TFLOP/s"
     )
     return result
 
@@ -669,7 +669,7 @@ def summary(results: dict) -> str:
         "# GPU check",
         "",
         f"{env.get('gpu', env.get('device', '?'))}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
-        f"{env.get('matmul')} measured at {env.get('matmul_flops', 0) / 1e12:.1f} TFLOP/s"
+        f"{env.get('matmul')} measured at {env.get('matmul_flops', 0) / 1e12:.3g} TFLOP/s"
         + (" (--tiny: a dry run at toy sizes, not a measurement)" if env.get("tiny") else ""),
         "",
     ]
