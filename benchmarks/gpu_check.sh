@@ -10,7 +10,7 @@
 # and every section finished by then is already in $OUT. PYTHON is the interpreter to install into and run (the
 # machine's python3 by default): point it at a throwaway venv for a dry run, never at a shared one.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-runs/gpu-check}"
 SITE="${GPU_CHECK_SITE:-/tmp/gpu-check}"  # hatchling for the build, and the reference packages (theirs)
@@ -33,7 +33,8 @@ main() {
     echo "installed: pip install --no-deps -e . (and ftfy, wcwidth)"
   else
     echo "pip install -e . failed: clipdalle runs from src/ through PYTHONPATH instead"
-    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    install --target "$SITE/ours" .whl/ours/*.whl
+    export PYTHONPATH="$PWD/src:$SITE/ours${PYTHONPATH:+:$PYTHONPATH}"
   fi
   "$PYTHON" -c "import clipdalle, torch; print('clipdalle', clipdalle.__file__, '| torch', torch.__version__,
       '| CUDA', torch.version.cuda, torch.cuda.is_available())" || return 1
