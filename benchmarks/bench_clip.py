@@ -36,6 +36,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ from machine import matmul_gflops
 from clipdalle.models.clip import CLIP, CLIPConfig
 from clipdalle.training.objectives import clip_loss as loss_fn
 
-VOCAB, START_ID, END_ID = 49408, 49406, 49407  # OpenAI's BPE: <|startoftext|>, <|endoftext|> (the largest id)
+VOCAB = 49408  # OpenAI's BPE; its last two ids are <|startoftext|> and <|endoftext|> (the largest id)
 CAPTION_WORDS = (6, 12)  # word tokens per caption, inclusive: 8-14 tokens with the start and end markers
 TRAIN_BATCH, ENCODE_BATCH, LARGE_ENCODE_BATCH = 128, 256, 32
 
@@ -62,14 +63,16 @@ class Shapes:
     text_layers: int
     embed_dim: int
     quick_gelu: bool
+    head_width: int = 64  # open_clip's default head_width, in both towers
+    vocab_size: int = VOCAB
 
     @property
     def vision_heads(self) -> int:
-        return self.vision_width // 64  # open_clip's head_width 64
+        return self.vision_width // self.head_width
 
     @property
     def text_heads(self) -> int:
-        return self.text_width // 64
+        return self.text_width // self.head_width
 
     def our_config(self) -> CLIPConfig:
         return CLIPConfig(
@@ -80,7 +83,7 @@ class Shapes:
             vision_n_embd=self.vision_width,
             vision_n_head=self.vision_heads,
             context_length=self.context_length,
-            vocab_size=VOCAB,
+            vocab_size=self.vocab_size,
             text_n_layer=self.text_layers,
             text_n_embd=self.text_width,
             text_n_head=self.text_heads,
@@ -148,13 +151,13 @@ def open_clip_model(shapes: Shapes) -> torch.nn.Module:
     vision = open_clip.model.CLIPVisionCfg(
         layers=shapes.vision_layers,
         width=shapes.vision_width,
-        head_width=64,
+        head_width=shapes.head_width,
         patch_size=shapes.patch_size,
         image_size=shapes.image_size,
     )
     text = open_clip.model.CLIPTextCfg(
         context_length=shapes.context_length,
-        vocab_size=VOCAB,
+        vocab_size=shapes.vocab_size,
         width=shapes.text_width,
         heads=shapes.text_heads,
         layers=shapes.text_layers,
@@ -162,14 +165,19 @@ def open_clip_model(shapes: Shapes) -> torch.nn.Module:
     return open_clip.model.CLIP(shapes.embed_dim, vision, text, quick_gelu=shapes.quick_gelu)
 
 
-def captions(batch_size: int, context_length: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, context) token ids: start, 6-12 word ids, end, zero padding."""
+def captions(
+    batch_size: int, context_length: int, generator: torch.Generator, vocab_size: int = VOCAB, end_id: int | None = None
+) -> torch.Tensor:
+    """(B, context) token ids: start, 6-12 word ids, end, zero padding. Start and end are the last two ids of the
+    vocabulary (OpenAI's BPE: <|startoftext|>, <|endoftext|>) unless `end_id` names another end (first_eos
+    pooling); word ids lie between 2 and the start id."""
+    start_id, end_id = vocab_size - 2, vocab_size - 1 if end_id is None else end_id
     text = torch.zeros(batch_size, context_length, dtype=torch.long)
     words = torch.randint(CAPTION_WORDS[0], CAPTION_WORDS[1] + 1, (batch_size,), generator=generator)
     for row, count in enumerate(words.tolist()):
-        text[row, 0] = START_ID
-        text[row, 1 : 1 + count] = torch.randint(1, START_ID, (count,), generator=generator)
-        text[row, 1 + count] = END_ID
+        text[row, 0] = start_id
+        text[row, 1 : 1 + count] = torch.randint(2, start_id, (count,), generator=generator)
+        text[row, 1 + count] = end_id
     return text
 
 
@@ -213,32 +221,46 @@ class Workload:
     repeats: int  # calls per timed turn
 
 
-def training_workload(name: str, shapes: Shapes, generator: torch.Generator) -> Workload:
+def training_workload(
+    name: str,
+    shapes: Shapes,
+    generator: torch.Generator,
+    batch_size: int = TRAIN_BATCH,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Workload:
+    """One training step of each side on a fixed batch, on `device`, under autocast to `dtype` when given (AdamW
+    fused into one kernel on a GPU, for both)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from open_clip import ClipLoss
     ours, theirs = paired_models(shapes)
-    images = torch.rand(TRAIN_BATCH, 3, shapes.image_size, shapes.image_size, generator=generator)
-    text = captions(TRAIN_BATCH, shapes.context_length, generator)
-    check_same_features(ours, theirs, images, text)
+    ours, theirs = ours.to(device), theirs.to(device)
+    images = torch.rand(batch_size, 3, shapes.image_size, shapes.image_size, generator=generator).to(device)
+    text = captions(batch_size, shapes.context_length, generator, shapes.vocab_size).to(device)
+    check_same_features(ours, theirs, images[:8], text[:8])
     pixels = (images - ours.image_mean) / ours.image_std
     batch = {"images": images, "text": text}
-    our_optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    their_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    fused = {"fused": True} if device != "cpu" else {}
+    our_optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, **fused)
+    their_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, **fused)
     their_loss = ClipLoss()
     ours.train()
     theirs.train()
+    precision = (lambda: nullcontext()) if dtype is None else (lambda: torch.autocast(device, dtype=dtype))
 
     def our_step() -> None:
-        loss, _ = loss_fn(ours, batch, 0.5)
+        with precision():
+            loss, _ = loss_fn(ours, batch, 0.5)
         loss.backward()
         our_optimizer.step()
         our_optimizer.zero_grad(set_to_none=True)
         ours.after_step()
 
     def their_step() -> None:
-        image_features, text_features, logit_scale = theirs(pixels, text)
-        loss = their_loss(image_features, text_features, logit_scale)
+        with precision():
+            image_features, text_features, logit_scale = theirs(pixels, text)
+            loss = their_loss(image_features, text_features, logit_scale)
         loss.backward()
         their_optimizer.step()
         their_optimizer.zero_grad(set_to_none=True)
@@ -248,11 +270,11 @@ def training_workload(name: str, shapes: Shapes, generator: torch.Generator) -> 
     return Workload(
         name,
         "pairs/s",
-        TRAIN_BATCH,
+        batch_size,
         our_step,
         their_step,
-        training_flops_per_pair(shapes, processed_tokens(text), TRAIN_BATCH, pooled=True),
-        training_flops_per_pair(shapes, shapes.context_length, TRAIN_BATCH, pooled=False),
+        training_flops_per_pair(shapes, processed_tokens(text), batch_size, pooled=True),
+        training_flops_per_pair(shapes, shapes.context_length, batch_size, pooled=False),
         repeats=1,
     )
 

@@ -33,6 +33,8 @@ import statistics
 import time
 import types
 import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +45,36 @@ from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
 from clipdalle.sampling import sample_codes
 from clipdalle.training.objectives import dalle_loss as loss_fn
 
-TEXT_LENGTH, TEXT_VOCAB, IMAGE_VOCAB, IMAGE_SIZE, LAYERS = 32, 1000, 512, 32, 2
-WIDTH, DEPTH, HEADS, HEAD_SIZE = 256, 4, 8, 32
-POSITIONS = TEXT_LENGTH + (IMAGE_SIZE // 2**LAYERS) ** 2  # 96 positions per training sequence, both models
+
+@dataclass(frozen=True)
+class Shape:
+    """One configuration in both libraries' terms; the defaults are this benchmark's (benchmarks/gpu_check.py
+    builds ML6's from the presets)."""
+
+    text_length: int = 32  # caption tokens
+    text_vocab: int = 1000
+    image_vocab: int = 512  # dVAE codes
+    image_size: int = 32  # dVAE input side in pixels
+    vae_layers: int = 2  # dVAE downsamplings: 32 px -> 8 x 8 codes
+    vae_hidden: int = 64  # dVAE convolution width
+    vae_resblocks: int = 1  # dVAE residual blocks at the code grid
+    codebook_dim: int = 256
+    width: int = 256  # transformer
+    depth: int = 4
+    heads: int = 8
+    dropout: float = 0.0  # attention and feed-forward dropout, both models
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // 2**self.vae_layers
+
+    @property
+    def positions(self) -> int:
+        """Positions per training sequence, both models: the caption and the codes (96 here)."""
+        return self.text_length + self.grid_size**2
+
+
+SHAPE = Shape()
 PATTERNS = {  # setting -> (our attn, their attn_types)
     "full": (["full"], ("full",)),
     "mixed": (["full", "row", "col", "conv"], ("full", "axial_row", "axial_col", "conv_like")),
@@ -60,36 +89,51 @@ def reference_modules():
     return ReferenceDALLE, ReferenceVAE
 
 
-def their_dalle(attn_types: tuple[str, ...]) -> torch.nn.Module:
+def their_dalle(attn_types: tuple[str, ...], shape: Shape = SHAPE) -> torch.nn.Module:
     ReferenceDALLE, ReferenceVAE = reference_modules()
     vae = ReferenceVAE(
-        image_size=IMAGE_SIZE, num_layers=LAYERS, num_tokens=IMAGE_VOCAB, codebook_dim=256, hidden_dim=64
+        image_size=shape.image_size,
+        num_layers=shape.vae_layers,
+        num_tokens=shape.image_vocab,
+        codebook_dim=shape.codebook_dim,
+        hidden_dim=shape.vae_hidden,
+        num_resnet_blocks=shape.vae_resblocks,
     )
     return ReferenceDALLE(
-        dim=WIDTH,
+        dim=shape.width,
         vae=vae,
-        num_text_tokens=TEXT_VOCAB,
-        text_seq_len=TEXT_LENGTH,
-        depth=DEPTH,
-        heads=HEADS,
-        dim_head=HEAD_SIZE,
+        num_text_tokens=shape.text_vocab,
+        text_seq_len=shape.text_length,
+        depth=shape.depth,
+        heads=shape.heads,
+        dim_head=shape.width // shape.heads,
+        attn_dropout=shape.dropout,
+        ff_dropout=shape.dropout,
         attn_types=attn_types,
     )
 
 
-def our_models(attn: list[str]) -> tuple[DALLE, DiscreteVAE]:
-    vae = DiscreteVAE(DVAEConfig(image_size=IMAGE_SIZE, n_downsample=LAYERS, vocab_size=IMAGE_VOCAB, n_embd=256))
+def our_models(attn: list[str], shape: Shape = SHAPE) -> tuple[DALLE, DiscreteVAE]:
+    vae_config = DVAEConfig(
+        image_size=shape.image_size,
+        n_downsample=shape.vae_layers,
+        vocab_size=shape.image_vocab,
+        n_embd=shape.codebook_dim,
+        n_hidden=shape.vae_hidden,
+        n_resblock=shape.vae_resblocks,
+    )
     config = DALLEConfig(
-        text_length=TEXT_LENGTH,
-        text_vocab_size=TEXT_VOCAB,
-        image_vocab_size=IMAGE_VOCAB,
-        grid_size=IMAGE_SIZE // 2**LAYERS,
-        n_layer=DEPTH,
-        n_head=HEADS,
-        n_embd=WIDTH,
+        text_length=shape.text_length,
+        text_vocab_size=shape.text_vocab,
+        image_vocab_size=shape.image_vocab,
+        grid_size=shape.grid_size,
+        n_layer=shape.depth,
+        n_head=shape.heads,
+        n_embd=shape.width,
+        dropout=shape.dropout,
         attn=attn,
     )
-    return DALLE(config), vae.eval()
+    return DALLE(config), DiscreteVAE(vae_config).eval()
 
 
 def non_embedding_parameters(model: torch.nn.Module) -> int:
@@ -102,32 +146,49 @@ def non_embedding_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def random_batch(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    text = torch.randint(3, TEXT_VOCAB, (batch_size, TEXT_LENGTH), generator=generator)
-    lengths = torch.randint(6, TEXT_LENGTH, (batch_size, 1), generator=generator)
-    text = text.masked_fill(torch.arange(TEXT_LENGTH)[None] >= lengths, 0)  # padded captions, as in real data
-    codes = torch.randint(0, IMAGE_VOCAB, (batch_size, POSITIONS - TEXT_LENGTH), generator=generator)
+def random_batch(
+    batch_size: int, generator: torch.Generator, shape: Shape = SHAPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    text = torch.randint(3, shape.text_vocab, (batch_size, shape.text_length), generator=generator)
+    lengths = torch.randint(6, shape.text_length, (batch_size, 1), generator=generator)
+    text = text.masked_fill(torch.arange(shape.text_length)[None] >= lengths, 0)  # padded captions, as in real data
+    codes = torch.randint(0, shape.image_vocab, (batch_size, shape.grid_size**2), generator=generator)
     return text, codes
 
 
-def training_steps(batch_size: int) -> dict[str, dict[str, callable]]:
-    """setting -> contestant -> a closure doing one optimizer step on a fixed random batch."""
-    text, codes = random_batch(batch_size, torch.Generator().manual_seed(0))
+def autocast_to(device: str, dtype: torch.dtype | None):
+    """Mixed precision for both contestants alike (None: as built, fp32)."""
+    return nullcontext() if dtype is None else torch.autocast(device, dtype=dtype)
+
+
+def training_steps(
+    batch_size: int,
+    shape: Shape = SHAPE,
+    settings: tuple[str, ...] = tuple(PATTERNS),
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> dict[str, dict[str, callable]]:
+    """setting -> contestant -> a closure doing one optimizer step on a fixed random batch (on `device`, under
+    autocast to `dtype` when given)."""
+    text, codes = random_batch(batch_size, torch.Generator().manual_seed(0), shape)
+    text, codes = text.to(device), codes.to(device)
     batch = {"text": text, "codes": codes}
     steps: dict[str, dict] = {}
-    for setting, (ours_attn, their_attn) in PATTERNS.items():
-        ours, _ = our_models(ours_attn)
-        theirs = their_dalle(their_attn)
+    for setting in settings:
+        ours_attn, their_attn = PATTERNS[setting]
+        ours, _ = our_models(ours_attn, shape)
+        theirs = their_dalle(their_attn, shape)
         steps[setting] = {}
-        for name, model in (("ours", ours), ("theirs", theirs)):
+        for name, model in (("ours", ours.to(device)), ("theirs", theirs.to(device))):
             model.train()
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
             def step(model=model, optimizer=optimizer, name=name):
-                if name == "ours":
-                    loss, _ = loss_fn(model, batch, 0.5)
-                else:
-                    loss = model(text.clone(), codes, return_loss=True)  # it edits text in place
+                with autocast_to(device, dtype):
+                    if name == "ours":
+                        loss, _ = loss_fn(model, batch, 0.5)
+                    else:
+                        loss = model(text.clone(), codes, return_loss=True)  # it edits text in place
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -143,26 +204,42 @@ def fixed_cond_scale(self, *args, cond_scale=1, cache=None, **kwargs):
     return type(self).forward_with_cond_scale(self, *args, cond_scale=cond_scale, cache=cache, **kwargs)
 
 
-def generation_calls(batch_size: int) -> dict[str, callable]:
-    """contestant -> a closure generating `batch_size` images from fixed random captions (full attention)."""
-    text, _ = random_batch(batch_size, torch.Generator().manual_seed(1))
-    ours, vae = our_models(["full"])
-    ours.eval()
-    shipped = their_dalle(("full",)).eval()
-    fixed = their_dalle(("full",)).eval()
-    fixed.forward_with_cond_scale = types.MethodType(fixed_cond_scale, fixed)
+def generation_calls(
+    batch_size: int,
+    shape: Shape = SHAPE,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    contestants: tuple[str, ...] = ("ours", "theirs as shipped", "theirs, cache fixed"),
+) -> dict[str, callable]:
+    """contestant -> a closure generating `batch_size` images from fixed random captions (full attention), on
+    `device`, under autocast to `dtype` when given."""
+    text, _ = random_batch(batch_size, torch.Generator().manual_seed(1), shape)
+    text = text.to(device)
+    ours, vae = our_models(["full"], shape)
+    ours, vae = ours.to(device).eval(), vae.to(device)
     seeds = list(range(batch_size))
 
     @torch.no_grad()
     def ours_call():
-        codes, _ = sample_codes(ours, text, seeds)
-        return vae.decode(codes)
+        with autocast_to(device, dtype):
+            codes, _ = sample_codes(ours, text, seeds)
+            return vae.decode(codes)
 
-    return {
-        "ours": ours_call,
-        "theirs as shipped": lambda: shipped.generate_images(text.clone(), filter_thres=0.5, use_cache=True),
-        "theirs, cache fixed": lambda: fixed.generate_images(text.clone(), filter_thres=0.5, use_cache=True),
-    }
+    def their_call(model):
+        def call():
+            with autocast_to(device, dtype):
+                return model.generate_images(text.clone(), filter_thres=0.5, use_cache=True)
+
+        return call
+
+    calls = {"ours": ours_call}
+    if "theirs as shipped" in contestants:
+        calls["theirs as shipped"] = their_call(their_dalle(("full",), shape).to(device).eval())
+    if "theirs, cache fixed" in contestants:
+        fixed = their_dalle(("full",), shape).to(device).eval()
+        fixed.forward_with_cond_scale = types.MethodType(fixed_cond_scale, fixed)
+        calls["theirs, cache fixed"] = their_call(fixed)
+    return calls
 
 
 def step_weights(model: torch.nn.Module, skip: tuple[str, ...]) -> list[torch.Tensor]:
@@ -194,14 +271,19 @@ def matmul_floor(batch_size: int, rounds: int = 15) -> dict[str, float]:
 CLOCK = {"clock": time.perf_counter}  # --cpu-time switches to time.process_time
 
 
-def interleaved(calls: dict[str, callable], rounds: int, cold: tuple[str, ...] = ()) -> dict[str, list[float]]:
+def interleaved(
+    calls: dict[str, callable], rounds: int, cold: tuple[str, ...] = (), deadline: float | None = None
+) -> dict[str, list[float]]:
     """Seconds per call, contestants alternating within each round, after one warmup call of each (except the
-    `cold` ones: calls of half a minute gain nothing from it)."""
+    `cold` ones: calls of half a minute gain nothing from it). With a `deadline` (a time.perf_counter() value),
+    no round starts after it; the first always runs."""
     for name, call in calls.items():
         if name not in cold:
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
+    for round_index in range(rounds):
+        if round_index > 0 and deadline is not None and time.perf_counter() > deadline:
+            break
         for name, call in calls.items():
             start = CLOCK["clock"]()
             call()
@@ -229,9 +311,9 @@ def train_part(args: argparse.Namespace, gflops: list[float]) -> list[tuple]:
     their_params = non_embedding_parameters(steps["full"]["theirs"]["model"])
     matmul = statistics.median(gflops)
     for setting in PATTERNS:
-        flops = 6 * our_params * POSITIONS * statistics.median(our_rates[setting]) / 1e9
+        flops = 6 * our_params * SHAPE.positions * statistics.median(our_rates[setting]) / 1e9
         print(
-            f"ours, {setting}: {flops:.0f} GFLOP/s (6 x {our_params:,} non-embedding parameters x {POSITIONS} "
+            f"ours, {setting}: {flops:.0f} GFLOP/s (6 x {our_params:,} non-embedding parameters x {SHAPE.positions} "
             f"positions x seq/s) = {flops / matmul:.0%} of the fp32 matmul rate ({matmul:.0f} GFLOP/s)"
         )
     mixed_vs_full = statistics.median(m / f for m, f in zip(our_rates["mixed"], our_rates["full"]))
@@ -265,8 +347,7 @@ def generate_part(args: argparse.Namespace, gflops: list[float]) -> list[tuple]:
         )
         print(f"generate batch {batch_size}: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()), flush=True)
         floor = matmul_floor(batch_size)
-        steps = IMAGE_SIZE // 2**LAYERS
-        steps *= steps  # one step per code, the caption's and the dVAE's share included
+        steps = SHAPE.grid_size**2  # one step per code, the caption's and the dVAE's share included
         per_step = {name: 1e3 * batch_size / rate / steps for name, rate in medians.items()}
         print(
             f"  per code step, batch {batch_size}: bare matmuls ours {1e3 * floor['ours']:.2f} ms, theirs "

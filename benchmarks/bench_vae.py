@@ -32,7 +32,7 @@ CONFIGS = [(32, 2), (64, 3)]  # (image_size, downsampling layers)
 VOCAB_SIZE, CODEBOOK_DIM, HIDDEN, RESBLOCKS = 512, 256, 64, 1
 
 
-def reference_vae(image_size: int, layers: int) -> torch.nn.Module:
+def reference_vae(image_size: int, layers: int, hidden: int = HIDDEN, resblocks: int = RESBLOCKS) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from dalle_pytorch import DiscreteVAE as ReferenceVAE
@@ -41,19 +41,21 @@ def reference_vae(image_size: int, layers: int) -> torch.nn.Module:
         num_tokens=VOCAB_SIZE,
         codebook_dim=CODEBOOK_DIM,
         num_layers=layers,
-        num_resnet_blocks=RESBLOCKS,
-        hidden_dim=HIDDEN,
+        num_resnet_blocks=resblocks,
+        hidden_dim=hidden,
     )
 
 
-def our_vae(image_size: int, layers: int, quantizer: str) -> DiscreteVAE:
+def our_vae(
+    image_size: int, layers: int, quantizer: str, hidden: int = HIDDEN, resblocks: int = RESBLOCKS
+) -> DiscreteVAE:
     config = DVAEConfig(
         image_size=image_size,
         n_downsample=layers,
         vocab_size=VOCAB_SIZE,
         n_embd=CODEBOOK_DIM,
-        n_hidden=HIDDEN,
-        n_resblock=RESBLOCKS,
+        n_hidden=hidden,
+        n_resblock=resblocks,
         quantizer=quantizer,
         recon_loss="mse",  # theirs: mean squared error, unweighted
         foreground_weight=0.0,
@@ -61,14 +63,25 @@ def our_vae(image_size: int, layers: int, quantizer: str) -> DiscreteVAE:
     return DiscreteVAE(config)
 
 
-def contestants(image_size: int, layers: int, batch_size: int) -> dict[str, dict]:
-    """name -> {"model", "train_step", "encode"}: closures doing one unit of work on a fixed random batch."""
-    images = torch.rand(batch_size, 3, image_size, image_size)
+def contestants(
+    image_size: int,
+    layers: int,
+    batch_size: int,
+    hidden: int = HIDDEN,
+    resblocks: int = RESBLOCKS,
+    device: str = "cpu",
+) -> dict[str, dict]:
+    """name -> {"model", "train_step", "encode"}: closures doing one unit of work on a fixed random batch (on
+    `device`, fp32)."""
+    images = torch.rand(batch_size, 3, image_size, image_size).to(device)
     batch = {"keys": [str(i) for i in range(batch_size)], "images": images, "captions": [""] * batch_size}
     entries = {}
     for name in ("ours gumbel", "theirs", "ours vq"):
-        model = reference_vae(image_size, layers) if name == "theirs" else our_vae(image_size, layers, name.split()[1])
-        model.train()
+        if name == "theirs":
+            model = reference_vae(image_size, layers, hidden, resblocks)
+        else:
+            model = our_vae(image_size, layers, name.split()[1], hidden, resblocks)
+        model.to(device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         if name == "theirs":
 
@@ -98,8 +111,8 @@ def contestants(image_size: int, layers: int, batch_size: int) -> dict[str, dict
 
 def forward_gflop_per_image(name: str, entry: dict, image_size: int) -> float:
     """Forward-pass GFLOP per image (convolutions and matmuls, counted by torch's FlopCounterMode)."""
-    images = torch.rand(8, 3, image_size, image_size)
     model = entry["model"]
+    images = torch.rand(8, 3, image_size, image_size, device=next(model.parameters()).device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         if name == "theirs":
             model(images, return_loss=True)

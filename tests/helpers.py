@@ -1,6 +1,7 @@
 """Helpers the tests share: synthetic coloured shapes with captions, and running the CLI in-process."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from clipdalle.models.clip import CLIP, CLIPConfig
 from clipdalle.models.dalle import DALLE, PAD_ID, DALLEConfig
 from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
 from clipdalle.tokenizers import CaptionTokenizer
+from clipdalle.training import objectives
 
 COLOURS = {"red": (229, 57, 53), "green": (67, 160, 71), "blue": (30, 136, 229), "black": (33, 33, 33)}
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -213,3 +215,32 @@ def make_demo_out(root: Path, size: int = 16) -> tuple[Path, Path]:
     checkpoint.save_model(out / "clip", CLIP(clip_config))
     tokenizer.save(out / "clip" / checkpoint.TOKENIZER_FILE)
     return out, data
+
+
+# ------------------------------------------------------------------------------------------ one step of each model
+
+
+TRAINING_CASES = ("vae-vq", "vae-gumbel", "clip", "dalle")
+
+
+def tiny_training_case(name: str, batch_size: int = 4, seed: int = 0) -> tuple[torch.nn.Module, Any, dict]:
+    """(model in train mode, its objective from clipdalle.training.objectives, a random batch) for one of
+    TRAINING_CASES: the tiny presets' dVAE with either quantizer, CLIP and DALL·E."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    if name.startswith("vae-"):
+        model = DiscreteVAE(build_config(DVAEConfig, load_preset("vae-tiny")["model"], {"quantizer": name[4:]}))
+        size = model.config.image_size
+        images = torch.rand(batch_size, 3, size, size, generator=generator)
+        return model.train(), objectives.vae_loss, {"keys": list(range(batch_size)), "images": images}
+    if name == "clip":
+        model = tiny_clip(seed)
+        size, length = model.config.image_size, model.config.context_length
+        images = torch.rand(batch_size, 3, size, size, generator=generator)
+        batch = {"keys": list(range(batch_size)), "images": images, "text": random_text(batch_size, length, seed)}
+        return model.train(), objectives.clip_loss, batch
+    if name == "dalle":
+        model = DALLE(build_config(DALLEConfig, load_preset("dalle-tiny")["model"]))
+        text, codes = random_dalle_batch(model.config, batch_size, seed + 1)
+        return model.train(), objectives.dalle_loss, {"keys": list(range(batch_size)), "text": text, "codes": codes}
+    raise ValueError(f"tiny_training_case: {name!r} is not one of {', '.join(TRAINING_CASES)}")

@@ -15,6 +15,7 @@ from clipdalle.sampling import (
     cells_in_region,
     choose_codes,
     clip_scores,
+    code_log_probs,
     encode_prompts,
     generate,
     guided_logits,
@@ -134,6 +135,15 @@ def test_sample_noise_depends_only_on_the_seed():
     skipped, stepped = big.at(2), SampleNoise([7], 70000, 16)
     stepped.at(0), stepped.at(1)
     assert torch.equal(skipped, stepped.at(2))
+
+
+def test_sample_noise_is_drawn_on_the_cpu_and_finished_on_the_device():
+    # CPU generators on every device (the same samples per seed anywhere); the logarithms run where the logits are.
+    assert SampleNoise([7], 40, 16, device="meta").at(3).device.type == "meta"
+    logits = torch.randn(3, 40)
+    half = code_log_probs(logits.bfloat16(), torch.tensor([0, 5, 9]))
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, code_log_probs(logits.bfloat16().float(), torch.tensor([0, 5, 9])))
 
 
 def test_best_per_group_orders_each_group():

@@ -20,11 +20,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -41,8 +48,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """A batch dict with its tensors moved to `device` (other values as they are)."""
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    """A batch dict with its tensors moved to `device` (other values as they are). Copies to a GPU are queued
+    (non_blocking): from a loader's pinned memory they run while the host goes on queueing the step's work."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,6 +99,10 @@ def distributed_context() -> tuple[int, int, int]:
 def init_distributed(device: torch.device) -> None:
     """Joins torchrun's process group (nccl on CUDA, gloo on CPU); nothing in a plain process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            # nccl's collectives and barrier() run on the current device: without this every process would open
+            # a context on GPU 0 and the barriers would name the wrong GPU.
+            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 

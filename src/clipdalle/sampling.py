@@ -104,8 +104,9 @@ def gumbel_noise(uniform: torch.Tensor) -> torch.Tensor:
 
 
 def code_log_probs(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """log p(code) under softmax(logits): logits (..., V), codes (...) -> (...)."""
-    return logits.log_softmax(-1).gather(-1, codes[..., None])[..., 0]
+    """log p(code) under softmax(logits): logits (..., V), codes (...) -> (...), in fp32 whatever the logits' dtype
+    (a sum of 256 bf16 log-probabilities would carry bf16's rounding into the ranking)."""
+    return logits.float().log_softmax(-1).gather(-1, codes[..., None])[..., 0]
 
 
 def choose_codes(
@@ -128,7 +129,10 @@ def choose_codes(
 
 class SampleNoise:
     """Gumbel noise (B, V) for each of `length` code indices, from one generator per sample seeded with its seed,
-    so a sample's draws do not depend on the batch it runs in. Indices must be asked in increasing order."""
+    so a sample's draws do not depend on the batch it runs in. Indices must be asked in increasing order.
+
+    The generators are CPU generators on every device, so a seed gives the same noise on a GPU as on the CPU;
+    the uniform draws travel to `device` and the logarithms run there."""
 
     def __init__(self, seeds: Sequence[int], vocab_size: int, length: int, device: torch.device | str = "cpu"):
         self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -146,7 +150,7 @@ class SampleNoise:
         while self.loaded < wanted:  # skipped chunks are drawn too: each sample's stream stays aligned to its seed
             uniform = torch.stack([torch.rand(self.chunk, self.vocab_size, generator=g) for g in self.generators])
             self.loaded += 1
-            self.block = gumbel_noise(uniform).to(self.device) if self.loaded == wanted else None  # (B, chunk, V)
+            self.block = gumbel_noise(uniform.to(self.device)) if self.loaded == wanted else None  # (B, chunk, V)
         return self.block[:, index % self.chunk]
 
 
@@ -596,11 +600,12 @@ def _sample_batches(
 
 
 def _decode_batches(vae: nn.Module, codes: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Images (M, 3, H, W) in fp32 (also when decoded under autocast) from codes (M, h*w)."""
     grid = vae.config.grid_size
     images = []
     for begin in range(0, len(codes), batch_size):
         images.append(vae.decode(codes[begin : begin + batch_size].view(-1, grid, grid)))  # codes (b, h, w)
-    return torch.cat(images)  # (M, 3, H, W)
+    return torch.cat(images).float()  # (M, 3, H, W)
 
 
 def _resample(

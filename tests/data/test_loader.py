@@ -78,3 +78,10 @@ def test_images_are_float_in_unit_range(shapes_folder):
 def test_too_small_a_dataset_for_the_consumers_is_a_clear_error(shapes_folder):
     with pytest.raises(ValueError, match="too small"):
         next(iter(stream(shapes_folder, rank=40, world_size=64)))
+
+
+def test_pinned_memory_only_with_workers(shapes_folder):
+    stream = SampleStream(open_source(shapes_folder), image_size=16, batch_size=4)
+    assert make_loader(stream, num_workers=2, pin_memory=True).pin_memory
+    assert not make_loader(stream, num_workers=0, pin_memory=True).pin_memory  # the copy would cost a step's time
+    assert not make_loader(stream, num_workers=2).pin_memory

@@ -71,3 +71,26 @@ def test_image_step_equals_extend_one_code_at_a_time(attn):
         fresh = model.new_caches()
         model.start(text, fresh)
         step(codes[:, 2], 2, fresh)
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.float() - reference.float()).norm() / reference.float().norm())
+
+
+def test_image_step_built_under_autocast_keeps_its_weights_in_bf16():
+    # The training loop's evaluation samples under autocast: the step's weight copies are made in bf16 once,
+    # instead of every product casting its fp32 weight at every step.
+    model = tiny_dalle(attn=["full", "conv"])
+    text, codes = random_dalle_batch(model.config)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        step = ImageStep(model)
+        caches = model.new_caches()
+        model.start(text, caches)
+        logits = torch.stack([step(codes[:, cell], cell, caches) for cell in range(3)], dim=1)  # (B, 3, V)
+        reference_caches = model.new_caches()
+        model.start(text, reference_caches)
+        reference = model.extend(codes[:, :3], 0, reference_caches)
+    assert step.blocks[0].qkv_weight.dtype == torch.bfloat16 and step.head_weight.dtype == torch.bfloat16
+    assert len(caches[0]) == len(reference_caches[0])
+    assert relative_error(logits, reference) < 2e-2  # bf16 keeps 8 bits: ~0.4 % per rounding, a few in a row
+    assert ImageStep(model).blocks[0].qkv_weight.dtype == torch.float32  # outside autocast: the model's dtype

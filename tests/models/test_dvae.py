@@ -21,6 +21,7 @@ from clipdalle.models.dvae import (
     logit_laplace_nll,
     pixel_weights,
     psnr,
+    run_in_chunks,
     temperature_at,
 )
 from clipdalle.training.objectives import vae_loss as loss_fn
@@ -112,11 +113,41 @@ def test_chunked_encoder_and_decoder_match_whole_batches():
     assert torch.equal(model.encode(images), whole_codes)
 
 
+def test_chunks_are_for_the_cpu_only():
+    calls = []
+
+    def record(chunk: torch.Tensor) -> torch.Tensor:
+        calls.append(len(chunk))
+        return chunk
+
+    run_in_chunks(record, torch.empty(5, 3), 2)
+    run_in_chunks(record, torch.empty(5, 3, device="meta"), 2)  # any other device: one call, the whole batch
+    assert calls == [2, 2, 1, 5]
+
+
 def test_vq_scores_find_the_nearest_codebook_vector():
     torch.manual_seed(0)
     quantizer = DiscreteVAE(tiny(quantizer="vq")).quantizer
     cells = torch.randn(2, 4, 4, 16)
     assert torch.equal(quantizer.codes(cells), quantizer.nearest(quantizer.vectors(cells)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = quantizer.scores(cells)
+    assert scores.dtype == torch.float32 and torch.equal(scores, quantizer.scores(cells))
+
+
+def test_vq_update_from_bf16_vectors_keeps_fp32_statistics():
+    torch.manual_seed(0)
+    quantizer = DiscreteVAE(tiny(quantizer="vq")).quantizer
+    vectors = torch.randn(64, 16)
+    codes = torch.randint(0, 16, (64,))
+    reference = DiscreteVAE(tiny(quantizer="vq")).quantizer
+    reference.load_state_dict(quantizer.state_dict())
+    torch.manual_seed(1)
+    quantizer.update(vectors.bfloat16(), codes)
+    torch.manual_seed(1)
+    reference.update(vectors.bfloat16().float(), codes)
+    for name, buffer in quantizer.named_buffers():
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, dict(reference.named_buffers())[name]), name
 
 
 def test_encode_is_pure_and_its_codes_work_in_autograd():

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from helpers import (
     FLAT_COLOURS,
+    TRAINING_CASES,
     WORDS,
     WordTokenizer,
     colour_images,
@@ -14,6 +15,7 @@ from helpers import (
     random_text,
     tiny_clip,
     tiny_dalle,
+    tiny_training_case,
     train_colour_clip,
 )
 
@@ -37,6 +39,19 @@ def test_loss_fn_for_the_training_loop():
         assert model.token_embedding.weight.grad is not None and model.logit_scale.grad is not None
     with pytest.raises(ValueError, match="batch has no 'text' token ids"):
         loss_fn(model, {"images": colour_images(), "captions": ["red"] * 4}, 0.0)
+
+
+@pytest.mark.parametrize("name", TRAINING_CASES)
+def test_every_objective_runs_under_bf16_autocast(name):
+    # What the GPU presets do (dtype bf16): weights, gradients and the dVAE's codebook statistics stay fp32.
+    model, objective, batch = tiny_training_case(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics = objective(model, batch, 0.5)
+    loss.backward()
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item()) and math.isfinite(metrics["loss"])
+    for parameter_name, parameter in model.named_parameters():
+        assert parameter.dtype == torch.float32 and torch.isfinite(parameter.grad).all(), parameter_name
+    assert all(buffer.dtype in (torch.float32, torch.bool) for buffer in model.buffers())
 
 
 # ------------------------------------------------------------------------------------------ distributed

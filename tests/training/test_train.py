@@ -82,11 +82,19 @@ def test_no_decay_on_gains_biases_and_embeddings():
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 4
 
 
-def test_bad_device_and_dtype_are_clear_errors():
+def test_bad_device_and_dtype_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="expected auto, cpu, cuda"):
         resolve_device("tpu")
     with pytest.raises(ValueError, match="expected one of fp32, bf16, fp16"):
         resolve_dtype("fp8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
+    assert resolve_device("auto") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="has 2 GPU\\(s\\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("cuda:x")
 
 
 def test_training_learns_and_writes_the_run(tmp_path):

@@ -17,6 +17,14 @@ from torch import nn
 from .layers import KVCache, ResidualAttentionBlock, SelfAttention, apply_layer_norm
 
 
+def snapshot_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a decoding step's weight copies: autocast's when it is on for their device (bf16 on a GPU), so
+    that the products do not cast every weight at every step; else the weights' own."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
 def last_position_attention(attention: SelfAttention, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """x (B, T, C), new positions after those in `cache` -> (B, 1, C): `attention(x, is_causal=True, cache=cache)`
     at the last position only. Every position's key and value go into the cache, but the query and the output
@@ -54,24 +62,26 @@ class BlockStep:
     than F.linear's x @ W.T (benchmarks/RESULTS.md, DALL·E generation). The attention scale 1/sqrt(hs) is folded
     into the query weights, and single-query attention is two batched matrix products over the filled part of the
     cache (no mask building for causal layers: the cache holds only earlier positions). The copy is a snapshot:
-    build a new `BlockStep` after the block's weights change."""
+    build a new `BlockStep` after the block's weights change. Built under autocast, the copies are in its dtype
+    (`snapshot_dtype`): call it under the same autocast."""
 
     def __init__(self, block: ResidualAttentionBlock):
         attention = block.attn
         C = attention.in_proj_weight.shape[1]
         self.n_head = attention.n_head
         self.head_size = C // attention.n_head
+        dtype = snapshot_dtype(attention.in_proj_weight)
         with torch.no_grad():
             scale = torch.ones(3 * C, dtype=attention.in_proj_weight.dtype, device=attention.in_proj_weight.device)
             scale[:C] = self.head_size**-0.5  # per SDPA: softmax(q k^T / sqrt(hs)); applied to q's weights once
-            self.qkv_weight = (attention.in_proj_weight * scale[:, None]).t().contiguous()  # (C, 3C)
-            self.qkv_bias = attention.in_proj_bias * scale  # (3C,)
-            self.out_weight = attention.out_proj.weight.t().contiguous()  # (C, C)
-            self.out_bias = attention.out_proj.bias.detach().clone()
-            self.fc_weight = block.mlp.c_fc.weight.t().contiguous()  # (C, 4C)
-            self.fc_bias = block.mlp.c_fc.bias.detach().clone()
-            self.proj_weight = block.mlp.c_proj.weight.t().contiguous()  # (4C, C)
-            self.proj_bias = block.mlp.c_proj.bias.detach().clone()
+            self.qkv_weight = (attention.in_proj_weight * scale[:, None]).t().to(dtype).contiguous()  # (C, 3C)
+            self.qkv_bias = (attention.in_proj_bias * scale).to(dtype)  # (3C,)
+            self.out_weight = attention.out_proj.weight.t().to(dtype).contiguous()  # (C, C)
+            self.out_bias = attention.out_proj.bias.detach().to(dtype, copy=True)
+            self.fc_weight = block.mlp.c_fc.weight.t().to(dtype).contiguous()  # (C, 4C)
+            self.fc_bias = block.mlp.c_fc.bias.detach().to(dtype, copy=True)
+            self.proj_weight = block.mlp.c_proj.weight.t().to(dtype).contiguous()  # (4C, C)
+            self.proj_bias = block.mlp.c_proj.bias.detach().to(dtype, copy=True)
         self.ln_1, self.ln_2 = copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2)
         self.activation = block.mlp.activation  # parameter-free
 
@@ -101,7 +111,8 @@ class ImageStep:
     `ImageStep(model)(codes, cell, caches)` takes codes (B,) of cell `cell` and returns the logits (B,
     image_vocab_size) of code cell + 1, equal to `model.extend(codes[:, None], cell, caches)[:, 0]` up to
     rounding. The weights are a snapshot taken at construction (a copy of the transformer's, ~4 bytes per
-    parameter): build one per sampling run, not once per model."""
+    parameter; in autocast's dtype when built under it, like `BlockStep`): build one per sampling run, not once
+    per model."""
 
     def __init__(self, model: nn.Module):  # a clipdalle.models.dalle.DALLE
         config = model.config
@@ -112,8 +123,9 @@ class ImageStep:
         with torch.no_grad():
             self.image_embedding = model.image_embedding.weight.detach().clone()  # (V, C)
             self.grid_position = model.grid_position_embedding().detach()  # (N, C)
-            self.head_weight = model.image_head.weight.t().contiguous()  # (C, V)
-            self.head_bias = model.image_head.bias.detach().clone()
+            dtype = snapshot_dtype(model.image_head.weight)
+            self.head_weight = model.image_head.weight.t().to(dtype).contiguous()  # (C, V)
+            self.head_bias = model.image_head.bias.detach().to(dtype, copy=True)
         self.ln_final = copy.deepcopy(model.ln_final)
         self.mask_biases = {}  # pattern -> additive (L, L) mask, 0 or -inf, for the patterns that are not causal
         for pattern in set(self.patterns) - {"full"}:

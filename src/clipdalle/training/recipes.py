@@ -48,7 +48,7 @@ def data_streams(
     if config.crop_scale < 1.0 or config.max_shift > 0.0:
         augment = Augment(min_scale=config.crop_scale, max_shift=config.max_shift)
 
-    rank, world, _ = distributed_context()
+    rank, world, local_rank = distributed_context()
     train_path, val_path = resolve_splits(data, val_data)
     train_source = open_source(train_path, captions=captions)
     val_source = open_source(val_path, captions=captions) if val_path is not None else train_source
@@ -81,7 +81,8 @@ def data_streams(
         )
         return make_loader(stream, num_workers=0)
 
-    return batches(train_stream, config.num_workers), val_batches
+    pin_memory = resolve_device(config.device, local_rank).type == "cuda"
+    return batches(train_stream, config.num_workers, pin_memory), val_batches
 
 
 def train_vae(
@@ -306,7 +307,7 @@ def train_dalle(
     return train(
         model,
         loss_fn,
-        batches(train_stream, config.num_workers),
+        batches(train_stream, config.num_workers, pin_memory=device.type == "cuda"),
         out,
         config,
         val_batches=val_batches,
