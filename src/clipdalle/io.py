@@ -1,5 +1,5 @@
-"""Files written so that a killed process leaves either the old file or the new one, and JSON read with errors
-that name the file.
+"""Files written so that a killed process leaves either the old file or the new one, JSON read with errors that
+name the file, and one writer per directory (`DirectoryLock`).
 
 Every writer in the package goes through `atomic_write`: the content is written to a temporary name in the same
 directory, flushed to disk, then renamed into place.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -65,3 +66,53 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ one writer per directory
+
+LOCK_FILE = ".lock"
+
+
+class DirectoryLock:
+    """One writer per directory: an exclusive `flock` on DIR/.lock, held from `acquire` (or `with`) to `release`.
+
+    A second writer, in this process or another, gets a one-line ValueError naming the directory and the process
+    that holds it. The kernel drops the lock when its holder exits, even when killed, so a crash never leaves a
+    directory locked. The file itself stays (deleting it would let two processes lock two different files).
+    Readers do not lock."""
+
+    def __init__(self, directory: str | Path, purpose: str = "write to it"):
+        self.directory = Path(directory)
+        self.purpose = purpose  # for the message: "another process is using it to <purpose>"
+        self._descriptor: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        import fcntl
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / LOCK_FILE
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 500).decode("utf-8", errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise ValueError(
+                f"{self.directory}: another process ({holder}) is using it to {self.purpose}; wait for it to finish "
+                "or choose another directory"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}".encode())
+        self._descriptor = descriptor
+        return self
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)  # closing the only descriptor drops the flock
+            self._descriptor = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
