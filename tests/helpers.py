@@ -1,5 +1,9 @@
 """Helpers the tests share: synthetic coloured shapes with captions, and running the CLI in-process."""
 
+import contextlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +217,24 @@ def make_demo_out(root: Path, size: int = 16) -> tuple[Path, Path]:
     checkpoint.save_model(out / "clip", CLIP(clip_config))
     tokenizer.save(out / "clip" / checkpoint.TOKENIZER_FILE)
     return out, data
+
+
+# ------------------------------------------------------------------------------------------ a second writer
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(directory: Path):
+    """Another process holds `clipdalle.io.DirectoryLock(directory)` inside the block; yields its pid."""
+    script = (
+        "import sys; from clipdalle.io import DirectoryLock; lock = DirectoryLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); sys.stdin.read()"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-c", script, str(directory)]
+    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,40 +77,57 @@ LOCK_FILE = ".lock"
 class DirectoryLock:
     """One writer per directory: an exclusive `flock` on DIR/.lock, held from `acquire` (or `with`) to `release`.
 
-    A second writer, in this process or another, gets a one-line ValueError naming the directory and the process
-    that holds it. The kernel drops the lock when its holder exits, even when killed, so a crash never leaves a
-    directory locked. The file itself stays (deleting it would let two processes lock two different files).
-    Readers do not lock."""
+    A second writer, in another process or another thread, gets a one-line ValueError naming the directory and the
+    process that holds it; the thread that holds the lock may take it again (a sync that calls `add` keeps it). The
+    kernel drops the lock when its holder exits, even when killed, so a crash never leaves a directory locked. The
+    file itself stays (deleting it would let two processes lock two different files). Readers do not lock."""
+
+    _held: dict[str, tuple[int, int, int]] = {}  # resolved directory -> (thread id, descriptor, depth), this process
+    _registry_lock = threading.Lock()
 
     def __init__(self, directory: str | Path, purpose: str = "write to it"):
         self.directory = Path(directory)
         self.purpose = purpose  # for the message: "another process is using it to <purpose>"
-        self._descriptor: int | None = None
+        self._key: str | None = None
 
     def acquire(self) -> DirectoryLock:
         import fcntl
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / LOCK_FILE
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(descriptor, 500).decode("utf-8", errors="replace").strip() or "unknown"
-            os.close(descriptor)
-            raise ValueError(
-                f"{self.directory}: another process ({holder}) is using it to {self.purpose}; wait for it to finish "
-                "or choose another directory"
-            ) from None
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}".encode())
-        self._descriptor = descriptor
+        key = os.path.realpath(self.directory)
+        with self._registry_lock:
+            held = self._held.get(key)
+            if held is not None and held[0] == threading.get_ident():
+                self._held[key] = (held[0], held[1], held[2] + 1)
+                self._key = key
+                return self
+            descriptor = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 500).decode("utf-8", errors="replace").strip() or "unknown"
+                os.close(descriptor)
+                raise ValueError(
+                    f"{self.directory}: another process ({holder}) is using it to {self.purpose}; wait for it to "
+                    "finish or choose another directory"
+                ) from None
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}".encode())
+            self._held[key] = (threading.get_ident(), descriptor, 1)
+            self._key = key
         return self
 
     def release(self) -> None:
-        if self._descriptor is not None:
-            os.close(self._descriptor)  # closing the only descriptor drops the flock
-            self._descriptor = None
+        if self._key is None:
+            return
+        with self._registry_lock:
+            owner, descriptor, depth = self._held[self._key]
+            if depth > 1:
+                self._held[self._key] = (owner, descriptor, depth - 1)
+            else:
+                del self._held[self._key]
+                os.close(descriptor)  # closing the only descriptor drops the flock
+            self._key = None
 
     def __enter__(self) -> DirectoryLock:
         return self.acquire()

@@ -1,4 +1,6 @@
+import pytest
 import torch
+from helpers import lock_held_by_another_process
 
 from clipdalle import checkpoint
 from clipdalle.config import build_config, load_preset
@@ -45,3 +47,10 @@ def test_a_cache_of_another_vae_is_not_current(shapes_folder, tmp_path):
     _, other_run = tiny_vae(tmp_path, seed=1)
     assert not cache_is_current(tmp_path / "cache", other_run, shapes_folder)
     assert not cache_is_current(tmp_path / "cache", run, tmp_path / "other-data")
+
+
+def test_a_second_builder_of_a_cache_gets_a_one_line_error(shapes_folder, tmp_path):
+    vae, run = tiny_vae(tmp_path)
+    with lock_held_by_another_process(tmp_path / "cache") as other:
+        with pytest.raises(ValueError, match=f"pid {other}.* to build a token cache"):
+            build_code_cache(vae, run, shapes_folder, tmp_path / "cache", num_workers=0)

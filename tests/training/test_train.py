@@ -2,15 +2,14 @@
 
 import csv
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import lock_held_by_another_process
 
 from clipdalle import checkpoint
 from clipdalle.config import TrainConfig
-from clipdalle.io import DirectoryLock
 from clipdalle.runtime import resolve_device, resolve_dtype
 from clipdalle.training.loop import lr_at, parameter_groups, train
 
@@ -230,9 +229,10 @@ def test_non_finite_weights_are_never_committed(tmp_path):
 
 def test_a_second_writer_of_a_run_gets_a_one_line_error(tmp_path):
     run = tmp_path / "run"
-    with DirectoryLock(run, "train this run"):
+    with lock_held_by_another_process(run) as other:
         with pytest.raises(ValueError) as raised:
             train(Toy(ToyConfig()), toy_loss, toy_batches(), run, config(steps=2))
     message = str(raised.value)
-    assert "\n" not in message and str(run) in message and f"pid {os.getpid()}" in message
+    assert "\n" not in message and str(run) in message and f"pid {other}" in message
+    assert not (run / checkpoint.CONFIG_FILE).exists()
     train(Toy(ToyConfig()), toy_loss, toy_batches(), run, config(steps=2))  # released: the run goes ahead

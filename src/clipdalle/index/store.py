@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..checkpoint import WEIGHTS_FILE
 from ..data.loader import SampleStream, make_loader
 from ..data.sources import Record, open_source
-from ..io import atomic_write, file_sha256, read_json, write_json
+from ..io import DirectoryLock, atomic_write, file_sha256, read_json, write_json
 from ..pretrained import load
 from ..runtime import barrier, device_of, distributed_context, init_distributed
 from ..transforms import BadImage, load_image, resize_crop
@@ -320,12 +320,36 @@ def build_index(
 ) -> dict:
     """Embeds every image of `data` (any dataset format, captions optional) with the CLIP at `clip_run` into a
     new index at `out`, and returns its `index_info`. Resumes a killed build; under torchrun every rank embeds
-    its share and rank 0 merges (other ranks return {})."""
+    its share and rank 0 merges (other ranks return {}). One build per `out` at a time: rank 0 holds OUT/.lock,
+    and a second build gets a one-line error."""
     out = Path(out)
     if (out / INFO_FILE).exists():
         raise ValueError(f"{out}: already holds an index; use add_to_index to append, or choose a new --out")
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be at least 1, got {batch_size} and {chunk_size}")
+    options = dict(batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size)
+    limits = dict(exact_limit=exact_limit, memory_budget_mb=memory_budget_mb, target_recall=target_recall)
+    if distributed_context()[0] != 0:
+        return _build_index(clip_run, data, out, **options, **limits)
+    with DirectoryLock(out, "build an index"):
+        if (out / INFO_FILE).exists():  # another build finished while this one waited to start
+            raise ValueError(f"{out}: already holds an index; use add_to_index to append, or choose a new --out")
+        return _build_index(clip_run, data, out, **options, **limits)
+
+
+def _build_index(
+    clip_run: str | Path,
+    data: str | Path,
+    out: Path,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    chunk_size: int,
+    exact_limit: int,
+    memory_budget_mb: float,
+    target_recall: float,
+) -> dict:
     rank, world_size, _ = distributed_context()
     init_distributed(torch.device(device))
     source = open_source(data, captions="optional")
@@ -569,7 +593,11 @@ class Index:
     def add(self, data: str | Path, *, batch_size: int = 256, num_workers: int = 1) -> dict:
         """Embeds `data` and appends its images (duplicates of stored images are skipped) without rebuilding:
         new vectors go into the existing faiss index, which is rebuilt only when it outgrows exact search.
-        Resumable like a build. Returns {"added", "duplicates", "skipped"}."""
+        Resumable like a build. One writer at a time (INDEX/.lock). Returns {"added", "duplicates", "skipped"}."""
+        with DirectoryLock(self.path, "change this index"):
+            return self._add(data, batch_size=batch_size, num_workers=num_workers)
+
+    def _add(self, data: str | Path, *, batch_size: int, num_workers: int) -> dict:
         source = open_source(data, captions="optional")
         chunk_dir = self.path / CHUNKS_DIR
         chunk_dir.mkdir(exist_ok=True)
@@ -617,7 +645,7 @@ class Index:
         """Drops the given image ids from the metadata and the faiss index; an unknown id is a ValueError
         (nothing is removed then). Returns how many were removed."""
         ids = sorted({int(i) for i in ids})
-        with self.lock:
+        with DirectoryLock(self.path, "change this index"), self.lock:
             unknown = sorted(set(ids) - set(self.rows(ids)))
             if unknown:
                 shown = ", ".join(str(i) for i in unknown[:10]) + (" ..." if len(unknown) > 10 else "")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..checkpoint import WEIGHTS_FILE
 from ..data.loader import SampleStream, make_loader
 from ..data.sources import Record, Source, open_source, resolve_splits
-from ..io import atomic_write, file_sha256, read_json, write_json
+from ..io import DirectoryLock, atomic_write, file_sha256, read_json, write_json
 
 CHUNK_SIZE = 50_000  # images per file: 50k x 64 codes x 2 bytes = 6.4 MB at 8x8
 INFO_FILE = "info.json"
@@ -81,49 +81,50 @@ def build_code_cache(
     """Encodes every image of `data` (and its validation split, when it has one) into `folder`.
 
     Images are centre-cropped (no augmentation: the codes are fixed once cached). Unreadable images are skipped
-    and counted. Returns the info written to info.json."""
+    and counted. One build per folder at a time (FOLDER/.lock). Returns the info written to info.json."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / INFO_FILE).unlink(missing_ok=True)
-    for stale in folder.glob("*.npz"):
-        stale.unlink()
-    train_path, val_path = resolve_splits(data, val_data)
-    splits = {"train": train_path} if val_path is None else {"train": train_path, "val": val_path}
-    counts: dict[str, int] = {}
-    skipped = 0
-    vae = vae.to(device).eval()
-    for split, path in splits.items():
-        stream = SampleStream(
-            open_source(path, captions="required"),
-            image_size=vae.config.image_size,
-            batch_size=batch_size,
-            shuffle=False,
-            infinite=False,
-            keep_all_captions=True,
-        )
-        writer = ChunkWriter(folder, split)
-        counts[split] = 0
-        for batch in tqdm(make_loader(stream, num_workers), desc=f"encoding {split} images", unit="batch"):
-            skipped += batch["skipped"]
-            if not batch["keys"]:
-                continue
-            batch_codes = vae.encode(batch["images"].to(device)).flatten(1)  # (B, h*w)
-            writer.add(batch["keys"], batch["captions"], batch_codes.to(torch.int16).cpu().numpy())
-            counts[split] += len(batch["keys"])
-        writer.flush()
-        if counts[split] == 0:
-            raise ValueError(f"{path}: no readable images to encode")
-    info = {
-        "vae_sha256": weights_sha256(vae_run),
-        "data": str(data),
-        "grid_size": vae.config.grid_size,
-        "vocab_size": vae.config.vocab_size,
-        "counts": counts,
-        "skipped_images": skipped,
-        "holdout": val_path is None,
-    }
-    write_json(folder / INFO_FILE, info)
-    return info
+    with DirectoryLock(folder, "build a token cache"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / INFO_FILE).unlink(missing_ok=True)
+        for stale in folder.glob("*.npz"):
+            stale.unlink()
+        train_path, val_path = resolve_splits(data, val_data)
+        splits = {"train": train_path} if val_path is None else {"train": train_path, "val": val_path}
+        counts: dict[str, int] = {}
+        skipped = 0
+        vae = vae.to(device).eval()
+        for split, path in splits.items():
+            stream = SampleStream(
+                open_source(path, captions="required"),
+                image_size=vae.config.image_size,
+                batch_size=batch_size,
+                shuffle=False,
+                infinite=False,
+                keep_all_captions=True,
+            )
+            writer = ChunkWriter(folder, split)
+            counts[split] = 0
+            for batch in tqdm(make_loader(stream, num_workers), desc=f"encoding {split} images", unit="batch"):
+                skipped += batch["skipped"]
+                if not batch["keys"]:
+                    continue
+                batch_codes = vae.encode(batch["images"].to(device)).flatten(1)  # (B, h*w)
+                writer.add(batch["keys"], batch["captions"], batch_codes.to(torch.int16).cpu().numpy())
+                counts[split] += len(batch["keys"])
+            writer.flush()
+            if counts[split] == 0:
+                raise ValueError(f"{path}: no readable images to encode")
+        info = {
+            "vae_sha256": weights_sha256(vae_run),
+            "data": str(data),
+            "grid_size": vae.config.grid_size,
+            "vocab_size": vae.config.vocab_size,
+            "counts": counts,
+            "skipped_images": skipped,
+            "holdout": val_path is None,
+        }
+        write_json(folder / INFO_FILE, info)
+        return info
 
 
 class ChunkWriter:
