@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -695,7 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message: Warning | str, category: type, filename: str, lineno: int, line: Any = None) -> str:
+    """Warnings as the CLI's other messages: `warning: ...` on one line, without the source line."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = one_line_warning
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

@@ -7,9 +7,11 @@ directory, flushed to disk, then renamed into place.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -58,6 +60,33 @@ def read_json(path: str | Path, expect: type = dict) -> Any:
 def fsync(path: str | Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+def read_file(path: str | Path, max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most `max_bytes`. Anything else raises OSError (its `strerror` says why)
+    before a byte is read: a FIFO would block, a device such as /dev/zero never ends, and a size is checked from
+    the file's stat (and the read stops at the cap, should the file grow meanwhile)."""
+    # O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever, before fstat could refuse it
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular {what} (a directory, FIFO, socket or device)", str(path))
+        if info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{what} of {info.st_size} bytes is above the limit of {max_bytes}", str(path))
+        os.set_blocking(descriptor, True)
+        parts, size = [], 0
+        while size <= max_bytes:
+            part = os.read(descriptor, min(1 << 20, max_bytes + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+        if size > max_bytes:
+            raise OSError(errno.EFBIG, f"{what} grew above the limit of {max_bytes} bytes while read", str(path))
+        return b"".join(parts)
+    finally:
+        os.close(descriptor)
 
 
 def file_sha256(path: str | Path) -> str:

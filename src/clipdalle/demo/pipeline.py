@@ -503,7 +503,7 @@ def evaluate_tokenizer_on_icons(vae_dir: Path, data: Path, image_size: int, batc
     model = checkpoint.load_model(vae_dir, expect="dvae")
     colours = list(PALETTE)
     stream = SampleStream(
-        open_source(data / "val", captions="optional"),
+        open_source(data / "val", captions="none"),
         image_size=image_size,
         batch_size=batch_size,
         shuffle=False,

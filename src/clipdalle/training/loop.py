@@ -237,7 +237,7 @@ def _train(
             if batch.get("epoch", 0) > last_epoch:
                 last_epoch = batch["epoch"]
                 if is_main and skipped_total:
-                    progress_bar.write(f"epoch {last_epoch}: {skipped_total} unreadable image(s) skipped so far")
+                    progress_bar.write(f"epoch {last_epoch}: {skipped_total} unreadable sample(s) skipped so far")
             items_since += len(batch[items_key])
             sync = world == 1 or micro_step == config.grad_accum - 1
             with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
@@ -322,7 +322,7 @@ def _train(
 
     progress_bar.close()
     if is_main and skipped_total:
-        print(f"{skipped_total} unreadable image(s) skipped (see skipped_images in metrics.csv)", file=sys.stderr)
+        print(f"{skipped_total} unreadable sample(s) skipped (see skipped_images in metrics.csv)", file=sys.stderr)
     if is_main and skipped_steps:
         print(f"{skipped_steps} step(s) with a NaN or infinite loss skipped (see metrics.csv)", file=sys.stderr)
     del data

@@ -93,10 +93,8 @@ def train_vae(
     val_data: str | Path | None = None,
     resume: bool = False,
 ) -> torch.nn.Module:
-    """Trains the discrete VAE (images only; captions are not needed) into the run directory `out`."""
-    train_batches, val_batches = data_streams(
-        data, config, model_config.image_size, val_data=val_data, captions="optional"
-    )
+    """Trains the discrete VAE (images only: caption files are never opened) into the run directory `out`."""
+    train_batches, val_batches = data_streams(data, config, model_config.image_size, val_data=val_data, captions="none")
     torch.manual_seed(config.seed)
     model = DiscreteVAE(model_config)
 
