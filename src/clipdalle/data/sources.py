@@ -73,6 +73,8 @@ class Record:
     label: str | None = None  # class name, for labelled evaluation data only
     error: str | None = None  # set when the record could not be read (e.g. truncated tar); the loader skips+counts it
     codes: Any = None  # dVAE code ids (h*w,) for records of a token cache (data/codes.py); no image then
+    shard: str | None = None  # the shard holding the image (as given), for tar members
+    member: str | None = None  # the image's member name in that shard, exactly as stored (any letter case)
 
     def read_bytes(self) -> bytes:
         """The encoded image: the tar member's bytes, or the image file's contents; BadImage for a record that
@@ -371,7 +373,7 @@ class ShardSource(Source):
         image is above the cap, is a Record with `error` set."""
         self._check_unit(unit)
         shard_stem = _shard_stem(unit)
-        group_key, members, count = None, {}, 0
+        group_key, members, names, count = None, {}, {}, 0  # names: extension -> the image member's own name
         if not os.path.isfile(unit):  # a FIFO or device would block or never end
             yield Record(key=f"{shard_stem}/#unreadable", name=unit, error=f"{unit}: not a regular file")
             return
@@ -384,10 +386,11 @@ class ShardSource(Source):
                     stem, _, extension = base.partition(".")  # key = member path up to the first "." of the name
                     key = posixpath.join(posixpath.dirname(member.name), stem)
                     if key != group_key:
-                        if group_key is not None and (record := self._record(unit, shard_stem, group_key, members)):
+                        done = group_key
+                        if done is not None and (record := self._record(unit, shard_stem, done, members, names)):
                             yield record
                             count += 1
-                        group_key, members = key, {}
+                        group_key, members, names = key, {}, {}
                     extension = "." + extension.lower()
                     if (
                         extension in IMAGE_EXTENSIONS
@@ -397,11 +400,13 @@ class ShardSource(Source):
                         cap = MAX_IMAGE_BYTES if extension in IMAGE_EXTENSIONS else MAX_CAPTION_BYTES
                         # an int stands for a member not read: its size, above the cap
                         members[extension] = archive.extractfile(member).read() if member.size <= cap else member.size
+                        if extension in IMAGE_EXTENSIONS:
+                            names[extension] = member.name
         except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
             # Members read before the damage are whole (tarfile checks lengths), so the last group is usable when
             # it already has everything it needs; otherwise it is part of the loss.
             if group_key is not None and self._is_complete(members):
-                yield self._record(unit, shard_stem, group_key, members)
+                yield self._record(unit, shard_stem, group_key, members, names)
                 count += 1
             reason = " ".join(str(error).split()) or type(error).__name__
             yield Record(
@@ -410,14 +415,16 @@ class ShardSource(Source):
                 error=f"{unit}: damaged shard, {count} good sample(s) before the damage ({reason})",
             )
             return
-        if group_key is not None and (record := self._record(unit, shard_stem, group_key, members)):
+        if group_key is not None and (record := self._record(unit, shard_stem, group_key, members, names)):
             yield record
 
     def _is_complete(self, members: dict[str, bytes | int]) -> bool:
         has_image = any(extension in IMAGE_EXTENSIONS for extension in members)
         return has_image and (".txt" in members or self.captions != "required")
 
-    def _record(self, shard: str, shard_stem: str, key: str, members: dict[str, bytes | int]) -> Record | None:
+    def _record(
+        self, shard: str, shard_stem: str, key: str, members: dict[str, bytes | int], names: dict[str, str]
+    ) -> Record | None:
         """The group of members sharing `key` as a Record; None for a group without an image (metadata only)."""
         image_extension = next((extension for extension in IMAGE_EXTENSIONS if extension in members), None)
         if image_extension is None:
@@ -442,7 +449,10 @@ class ShardSource(Source):
                 error = _unreadable_caption(f"{shard}:{key}.txt", problem)
         label = label_data.decode("utf-8", errors="replace").strip() if isinstance(label_data, bytes) else None
         data = None if error is not None else image
-        return Record(key=f"{shard_stem}/{key}", name=name, data=data, captions=captions, label=label, error=error)
+        return Record(
+            key=f"{shard_stem}/{key}", name=name, data=data, captions=captions, label=label, error=error, shard=shard,
+            member=names.get(image_extension),
+        )  # fmt: skip
 
 
 class _StrictTarInfo(tarfile.TarInfo):
