@@ -34,6 +34,7 @@ from .guards import ApiKeyFirst, HostCheck
 from .limits import BodySizeLimit, Busy, ClientGone, GenerationQueue, WorkLimiter
 from .models import ServeModels, ServeSettings
 from .openai_api import openai_router
+from .schemas import ErrorDetail, error_responses
 from .search_routes import search_router
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -68,7 +69,11 @@ def create_app(models: ServeModels, settings: ServeSettings | None = None) -> Fa
     app.state.queue = queue
     app.state.work = context.work
     add_error_handlers(app)
-    api = APIRouter(prefix="/api", dependencies=[Depends(api_key_check(settings.api_key))])
+    api = APIRouter(
+        prefix="/api",
+        dependencies=[Depends(api_key_check(settings.api_key))],
+        responses=error_responses(ErrorDetail),
+    )
     for router in (search_router(context), clip_router(context), generation_router(context)):
         api.include_router(router)
     app.include_router(api)

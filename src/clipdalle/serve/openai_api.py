@@ -33,6 +33,7 @@ from ..sampling import generate, inpaint, mask_from_image, variations
 from ..transforms import load_image
 from .common import ApiError, api_key_check, png_bytes
 from .context import ServeContext
+from .schemas import ERROR_STATUSES, error_responses
 
 SIZES = {"256x256": 256, "512x512": 512, "1024x1024": 1024}  # DALL·E 2's sizes; "auto" = the model's own
 DEFAULT_SIZE = "1024x1024"  # OpenAI's default
@@ -63,6 +64,20 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     model: str
     native_size: str = Field(description="the model's own output size, before resizing to `size`")
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+OPENAI_ERRORS = {status: text for status, text in ERROR_STATUSES.items() if status != 422}  # invalid fields: 400
 
 
 class ImageStore:
@@ -141,7 +156,8 @@ def transparent_as_white(alpha: Image.Image) -> Image.Image:
 
 
 def openai_router(context: ServeContext) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    errors = error_responses(ErrorResponse, OPENAI_ERRORS)
+    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=errors)
     models, settings, queue = context.models, context.settings, context.queue
     authorised = [Depends(api_key_check(settings.api_key))]
     store = ImageStore(settings.url_seconds, settings.max_stored_images, settings.max_stored_bytes)

@@ -174,7 +174,7 @@ def search_router(context: ServeContext) -> APIRouter:
     @router.get(
         "/images/{image_id}",
         summary="an indexed image by id: a thumbnail or the original bytes",
-        responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}},
+        responses={200: {"content": {"image/*": {}, "application/octet-stream": {}}}},
         response_class=Response,
     )
     async def indexed_image(
