@@ -2,8 +2,11 @@
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +241,53 @@ def lock_held_by_another_process(directory: Path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------ servers and jobs
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Runs `app` with uvicorn on a thread, on a loopback socket bound here (so no other process takes the port);
+    yields its base URL."""
+    import uvicorn
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start serving the app")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()
+
+
+class BlockingJobs:
+    """Jobs that wait for `release`, counting how many run at once (`peak`) and recording the order they end."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = self.peak = 0
+        self.finished = []
+
+    def job(self, result=None, timeout: float = 10):
+        def run():
+            with self.lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            self.release.wait(timeout)
+            with self.lock:
+                self.running -= 1
+                self.finished.append(result)
+            return result
+
+        return run

@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import assert_one_line_error, run  # noqa: E402
+from helpers import BlockingJobs, assert_one_line_error, run  # noqa: E402
 
 from clipdalle import cli  # noqa: E402
 from clipdalle.serve import ServeModels, ServeSettings, create_app, load_models  # noqa: E402
@@ -273,31 +273,14 @@ def test_a_full_generation_queue_answers_503(models):
 
 
 def test_the_queue_runs_one_job_at_a_time_in_order():
-    queue = GenerationQueue(capacity=3)
-    running, peak, order = [0], [0], []
-    lock = threading.Lock()
-    release = threading.Event()
-
-    def job(number: int):
-        def run_job():
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            release.wait(5)
-            with lock:
-                running[0] -= 1
-                order.append(number)
-            return number * 10
-
-        return run_job
-
-    futures = [queue.submit(job(number)) for number in range(3)]
+    queue, jobs = GenerationQueue(capacity=3), BlockingJobs()
+    futures = [queue.submit(jobs.job(number * 10, timeout=5)) for number in range(3)]
     with pytest.raises(QueueFull, match="queue is full"):
-        queue.submit(job(3))
-    release.set()
+        queue.submit(jobs.job(30))
+    jobs.release.set()
     assert [future.result(timeout=5) for future in futures] == [0, 10, 20]
-    assert order == [0, 1, 2] and peak[0] == 1
-    assert queue.submit(job(4)).result(timeout=5) == 40  # room again once the jobs finished
+    assert jobs.finished == [0, 10, 20] and jobs.peak == 1
+    assert queue.submit(jobs.job(40)).result(timeout=5) == 40  # room again once the jobs finished
     queue.close()
 
 

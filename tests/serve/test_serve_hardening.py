@@ -21,7 +21,7 @@ pytest.importorskip("faiss")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import make_shapes_folder, run  # noqa: E402
+from helpers import BlockingJobs, make_shapes_folder, run, serving  # noqa: E402
 
 from clipdalle import convert, index, pretrained, sampling  # noqa: E402
 from clipdalle.serve import ServeSettings, create_app, generation_routes, load_models, search_routes  # noqa: E402
@@ -135,28 +135,17 @@ def test_image_work_beyond_its_bound_gets_503_with_retry_after(models):
 
 
 def test_the_limiter_runs_slots_jobs_at_once_and_bounds_the_waiting():
-    limiter = WorkLimiter(slots=2, waiting=1)
-    release, running, peak = threading.Event(), [0], [0]
-    lock = threading.Lock()
-
-    def job():
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        release.wait(10)
-        with lock:
-            running[0] -= 1
-        return "done"
+    limiter, jobs = WorkLimiter(slots=2, waiting=1), BlockingJobs()
 
     async def main():
-        tasks = [asyncio.ensure_future(limiter.run(job)) for _ in range(3)]
+        tasks = [asyncio.ensure_future(limiter.run(jobs.job("done"))) for _ in range(3)]
         await asyncio.sleep(0.2)
         with pytest.raises(Busy, match="busy"):
-            await limiter.run(job)
-        release.set()
+            await limiter.run(jobs.job("refused"))
+        jobs.release.set()
         return await asyncio.gather(*tasks)
 
-    assert asyncio.run(main()) == ["done"] * 3 and peak[0] == 2 and limiter.admitted == 0
+    assert asyncio.run(main()) == ["done"] * 3 and jobs.peak == 2 and limiter.admitted == 0
 
 
 def test_an_upload_is_refused_by_what_decoding_it_costs(models):
@@ -282,21 +271,9 @@ def test_a_queued_job_whose_client_left_never_runs():
 
 @pytest.fixture
 def live_server(models):
-    """A uvicorn on 127.0.0.1 serving `models` (body timeout 1 s): yields (port, app)."""
-    app = create_app(models, ServeSettings(body_timeout_seconds=1.0))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield port, app
-    server.should_exit = True
-    thread.join(timeout=10)
+    """A uvicorn on 127.0.0.1 serving `models` (body timeout 1 s): yields its port."""
+    with serving(create_app(models, ServeSettings(body_timeout_seconds=1.0))) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def raw_request(port: int, head: str, body: bytes = b"") -> socket.socket:
@@ -306,7 +283,7 @@ def raw_request(port: int, head: str, body: bytes = b"") -> socket.socket:
 
 
 def test_a_generation_whose_client_disconnects_is_stopped(live_server, monkeypatch):
-    port, _ = live_server
+    port = live_server
     seen = {}
 
     def slow_generate(*args, should_stop, **kwargs):
@@ -332,7 +309,7 @@ def test_a_generation_whose_client_disconnects_is_stopped(live_server, monkeypat
 
 
 def test_a_stalled_body_gets_408(live_server):
-    port, _ = live_server
+    port = live_server
     head = "POST /api/generate HTTP/1.1\nHost: localhost\nContent-Type: application/json\nContent-Length: 100"
     connection = raw_request(port, head, b'{"prompt": ')  # and then nothing
     reply = connection.recv(4096).decode()
