@@ -163,3 +163,15 @@ class DirectoryLock:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
+
+    @classmethod
+    def _forget_in_child(cls) -> None:
+        """A forked child (a DataLoader worker) closes its copies of the held descriptors: the lock stays with the
+        parent and ends with it, instead of outliving a killed parent in its orphaned workers."""
+        for _, descriptor, _ in cls._held.values():
+            os.close(descriptor)
+        cls._held.clear()
+        cls._registry_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=DirectoryLock._forget_in_child)

@@ -41,7 +41,7 @@ class ServeSettings:
     thumbnail_size: int = 256  # longest side of /api/images/ID?size=thumb in pixels
     thumbnail_dir: str | None = None  # thumbnails made once and kept here (default: INDEX/thumbnails)
     image_workers: int = 0  # image decoding/encoding and CLIP jobs run at once (0: one per core); more wait
-    max_waiting_work: int = 32  # requests waiting for those at once; more get 503 with Retry-After
+    max_waiting_work: int = 16  # requests waiting for those at once (a page loads 6 thumbnails at once); more get 503
     max_connections: int = 128  # open connections and requests at once (uvicorn's limit_concurrency); more get 503
     keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this long
     body_timeout_seconds: float = 30.0  # a request body that stalls this long gets 408 (slow uploads hold a slot)
