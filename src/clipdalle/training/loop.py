@@ -266,6 +266,7 @@ def _train(
             skipped_steps += 1
             skipped_in_a_row += 1
             if skipped_in_a_row >= config.max_skipped_steps:
+                progress_bar.close()
                 raise ValueError(
                     f"{run_dir}: the loss or the gradients were NaN or infinite at {skipped_in_a_row} steps in a row "
                     f"(steps {step + 2 - skipped_in_a_row} to {step + 1}; each was skipped); the last checkpoint "
