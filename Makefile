@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: demo test lint format clean
+.PHONY: demo test fuzz lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/python -m pytest
+
+# The HTTP API fuzzed from its OpenAPI schema with more examples than `make test` draws (see the test's docstring).
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=250 $(BIN)/python -m pytest tests/serve/test_serve_fuzz.py -q -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)

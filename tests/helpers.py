@@ -1,5 +1,12 @@
 """Helpers the tests share: synthetic coloured shapes with captions, and running the CLI in-process."""
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +251,74 @@ def tiny_training_case(name: str, batch_size: int = 4, seed: int = 0) -> tuple[t
         text, codes = random_dalle_batch(model.config, batch_size, seed + 1)
         return model.train(), objectives.dalle_loss, {"keys": list(range(batch_size)), "text": text, "codes": codes}
     raise ValueError(f"tiny_training_case: {name!r} is not one of {', '.join(TRAINING_CASES)}")
+
+
+# ------------------------------------------------------------------------------------------ a second writer
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(directory: Path):
+    """Another process holds `clipdalle.io.DirectoryLock(directory)` inside the block; yields its pid."""
+    script = (
+        "import sys; from clipdalle.io import DirectoryLock; lock = DirectoryLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); sys.stdin.read()"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-c", script, str(directory)]
+    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------ servers and jobs
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Runs `app` with uvicorn on a thread, on a loopback socket bound here (so no other process takes the port);
+    yields its base URL."""
+    import uvicorn
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start serving the app")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()
+
+
+class BlockingJobs:
+    """Jobs that wait for `release`, counting how many run at once (`peak`) and recording the order they end."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = self.peak = 0
+        self.finished = []
+
+    def job(self, result=None, timeout: float = 10):
+        def run():
+            with self.lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            self.release.wait(timeout)
+            with self.lock:
+                self.running -= 1
+                self.finished.append(result)
+            return result
+
+        return run

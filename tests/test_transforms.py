@@ -1,4 +1,5 @@
 import io
+import os
 import random
 import struct
 import warnings
@@ -9,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clipdalle import transforms
 from clipdalle.transforms import (
     MAX_IMAGE_PIXELS,
     BadImage,
     decode_image,
+    decoded_cost,
     load_image,
     make_grid,
     resize_crop,
@@ -35,13 +38,14 @@ def close_to(pixel, expected, tolerance=0):
     return all(abs(int(a) - int(b)) <= tolerance for a, b in zip(pixel, expected))
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims `width` x `height` pixels but holds no pixel data: a decompression bomb in 60 bytes."""
+def png_header_only(width: int, height: int, colour_type: int = 2) -> bytes:
+    """A PNG that claims `width` x `height` pixels but holds no pixel data: a decompression bomb in 60 bytes.
+    Colour type 2 is RGB, 6 RGBA."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
@@ -182,6 +186,31 @@ def test_decompression_bombs_are_refused_without_touching_pillow_settings(tmp_pa
     from PIL import ImageFile
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_the_pixel_cap_counts_what_decoding_costs(tmp_path):
+    # 4000 x 3999 is below a 16 M pixel cap as RGB, above it as RGBA (composited on white through RGBA copies)
+    rgb, rgba = png_header_only(4000, 3999, colour_type=2), png_header_only(4000, 3999, colour_type=6)
+    with pytest.raises(BadImage) as raised:
+        decode_image(rgb, "rgb.png", max_pixels=16_000_000)
+    assert "pixel limit" not in str(raised.value)  # it fails later, for its missing pixel data
+    with pytest.raises(BadImage, match="4000 x 3999 RGBA costs 21328000 RGB pixels to decode, above the pixel limit"):
+        decode_image(rgba, "rgba.png", max_pixels=16_000_000)
+    assert decoded_cost(Image.new("RGB", (10, 10))) == decoded_cost(Image.new("L", (10, 10))) == 100
+    assert decoded_cost(Image.new("RGBA", (10, 10))) == decoded_cost(Image.new("F", (10, 10))) == 133
+
+
+def test_special_and_oversized_files_are_refused_before_reading(tmp_path, monkeypatch):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # reading it would never end
+    (tmp_path / "folder.png").mkdir()
+    for name in ("fifo.png", "zero.png", "folder.png"):
+        assert_bad(tmp_path / name, name, why="not a regular image file")
+    big = tmp_path / "big.png"
+    big.write_bytes(encode(Image.new("RGB", (8, 8)), "PNG"))
+    monkeypatch.setattr(transforms, "MAX_IMAGE_BYTES", big.stat().st_size - 1)
+    assert_bad(big, "big.png", why="above the limit")
 
 
 # ---------------------------------------------------------------------------------------------- resize_crop

@@ -90,9 +90,31 @@ def model_type_of(run_dir: str | Path) -> str:
     return read_config(run_dir)["clipdalle"]["model_type"]
 
 
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the saved tensors (the state dict) holding a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in unwrap(model).state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def check_finite(model: torch.nn.Module, path: str | Path, step: int | None = None) -> None:
+    """A ValueError naming `path` (and the step) when a weight is NaN or infinite: such weights are never committed,
+    so the file on disk stays the last good one."""
+    bad = nonfinite_tensors(model)
+    if bad:
+        at = f" at step {step}" if step is not None else ""
+        raise ValueError(
+            f"{path}: the weights{at} hold NaN or infinite values ({len(bad)} tensor(s), e.g. {bad[0]}); refusing to "
+            "save them, the file on disk keeps the last good weights (lower the learning rate, then --resume)"
+        )
+
+
 def save_weights(path: str | Path, model: torch.nn.Module) -> Path:
-    """Weights of the unwrapped model as safetensors (shared/tied tensors stored once)."""
+    """Weights of the unwrapped model as safetensors (shared/tied tensors stored once); non-finite ones are refused."""
     model = unwrap(model)
+    check_finite(model, path)
     return atomic_write(path, lambda tmp: save_safetensors_model(model, str(tmp)))
 
 
@@ -117,6 +139,7 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> torch.nn.Module:
 def save_model(run_dir: str | Path, model: torch.nn.Module, train_config: Any = None) -> Path:
     """config.json + model.safetensors: a run directory another user can load."""
     run_dir = Path(run_dir)
+    check_finite(model, run_dir / WEIGHTS_FILE)  # before config.json: a refused model leaves no half-written run
     save_config(run_dir, model, train_config)
     save_weights(run_dir / WEIGHTS_FILE, model)
     return run_dir
@@ -153,9 +176,12 @@ def weights_metadata(path: str | Path) -> dict[str, str]:
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, train_state: dict[str, Any]) -> None:
     """Weights and train state as one unit: write both temporaries, then rename both.
 
-    `train_state["step"]` is recorded in both files; `recover` finishes a commit a kill interrupted."""
+    `train_state["step"]` is recorded in both files; `recover` finishes a commit a kill interrupted. Weights holding
+    NaN or infinity are refused (a ValueError) before anything is written, so `--resume` restarts from the last
+    good checkpoint."""
     run_dir = Path(run_dir)
     step = int(train_state["step"])
+    check_finite(model, run_dir / WEIGHTS_FILE, step)
     weights_tmp = run_dir / f".{WEIGHTS_FILE}.commit"
     state_tmp = run_dir / f".{TRAIN_STATE_FILE}.commit"
     save_safetensors_model(unwrap(model), str(weights_tmp), metadata={"step": str(step)})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -493,7 +494,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from .serve import ServeSettings, create_app, load_models
+        from .serve import ServeSettings, create_app, load_models, uvicorn_options
+        from .serve.models import LOCAL_HOSTS
     except ImportError as error:
         raise ValueError(
             f"serve needs the server extra ({error.name} is missing): pip install 'clipdalle[serve]'"
@@ -501,9 +503,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.pipeline_dir is None and not (args.index or args.clip or args.dalle):
         raise ValueError("serve: give a pipeline directory (clipdalle serve runs/demo) or --index/--clip/--dalle")
     api_key = args.api_key if args.api_key is not None else os.environ.get("CLIPDALLE_API_KEY") or None
+    every_interface = args.host in ("0.0.0.0", "::", "")
+    hosts = [*LOCAL_HOSTS, *([] if every_interface else [args.host]), *(args.allowed_host or [])]
     settings = ServeSettings(
         api_key=api_key,
         cors_origins=list(args.cors_origin or []),
+        allowed_hosts=list(dict.fromkeys(hosts)),
         rerank=args.rerank,
         max_queue=args.max_queue,
         device=str(resolve_device(args.device)),
@@ -514,11 +519,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(models, settings)
     loaded = [name for name in ("index", "clip", "dalle") if getattr(models, name) is not None]
     print(f"serving {', '.join(loaded)} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and args.host not in LOCAL_HOSTS:
         print(
             f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr
         )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if every_interface and not args.allowed_host:
+        print(
+            "note: only requests to localhost names are answered; add --allowed-host NAME for each name or address "
+            "other machines use to reach this one",
+            file=sys.stderr,
+        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **uvicorn_options(settings))
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -697,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dalle", default=None, help="DALL·E run (its dVAE and tokenizer come with it) to generate")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument(
+        "--allowed-host", action="append", help="also answer requests sent to this host name (repeatable; * for any)"
+    )
     serve.add_argument("--api-key", default=None, help="bearer token required on every route (env CLIPDALLE_API_KEY)")
     serve.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (repeatable)")
     serve.add_argument("--rerank", type=int, default=4, help="OpenAI routes: each image is the best of K (with CLIP)")
@@ -711,7 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message: Warning | str, category: type, filename: str, lineno: int, line: Any = None) -> str:
+    """Warnings as the CLI's other messages: `warning: ...` on one line, without the source line."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = one_line_warning
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

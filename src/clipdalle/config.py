@@ -33,6 +33,7 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.99  # AdamW second-moment decay; 0.99 rather than 0.999 is steadier for short runs
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    max_skipped_steps: int = 5  # steps in a row with a NaN/infinite loss or gradient (each skipped) that stop the run
     eval_every: int = 200  # steps between evaluations (validation metrics, sample grid)
     eval_batches: int = 4  # validation batches per evaluation
     save_every: int = 200  # steps between checkpoints (the run also saves at its last step)

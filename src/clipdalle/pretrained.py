@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .convert import read_checkpoint, tokenizer_beside
+from .convert import HF_WEIGHTS, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, read_checkpoint, tokenizer_beside
 from .models.clip import CLIP
 from .tokenizers import CaptionTokenizer, ClipTokenizer
 from .transforms import load_image
@@ -63,6 +63,24 @@ def load(
         tokenizer.context_length = model.config.context_length
     model = model.to(device).eval()
     return model, functools.partial(load_image, size=model.config.image_size), tokenizer
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file of weights `load(path)` reads: RUN/model.safetensors of a run, the file itself, or the weights an
+    open_clip or Hugging Face directory holds (the first of the names `convert.read_checkpoint` tries). What an
+    index records the hash of, so the hash is of the loaded weights."""
+    path = Path(path)
+    if checkpoint.is_run(path):
+        return path / checkpoint.WEIGHTS_FILE
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        return path
+    names = OPEN_CLIP_WEIGHTS if (path / OPEN_CLIP_CONFIG).is_file() else HF_WEIGHTS
+    found = next((path / name for name in names if (path / name).is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no weights file ({' or '.join(names)})")
+    return found
 
 
 def load_tokenizer(source: str | Path | None) -> Any:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,17 @@ from .zero_shot import similarity
 
 DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
 NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
+
+ShouldStop = Callable[[], bool] | None  # asked between sampling steps and batches; True stops the work
+
+
+class GenerationStopped(Exception):
+    """`should_stop()` said True: the caller no longer wants the samples (e.g. a server's client left)."""
+
+
+def _check_stop(should_stop: ShouldStop) -> None:
+    if should_stop is not None and should_stop():
+        raise GenerationStopped("generation stopped: should_stop() returned True")
 
 
 @dataclass
@@ -226,12 +237,14 @@ def sample_codes(
     cond_scale: float = 1.0,
     given: torch.Tensor | None = None,
     resample: torch.Tensor | None = None,
+    should_stop: ShouldStop = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (B, N) for captions text (B, T), one seed per row, and their log-likelihood (B,) in nats.
 
     With `resample` (N,) booleans, only those cells are drawn and the others are taken from `given` (B, N);
     runs of given cells are fed in one chunk. The log-likelihood sums log p(code) over all N cells (given ones
-    too) under the conditional model, at temperature 1 and without filters."""
+    too) under the conditional model, at temperature 1 and without filters. `should_stop()` is asked before each
+    step; True raises GenerationStopped."""
     model = unwrap(model)
     N = model.config.image_length
     B = text.shape[0]
@@ -251,6 +264,7 @@ def sample_codes(
         logits, cond = (out[:, 0] for out in decoder.start())  # for code 0, (B, V) each
         cell = 0
         while True:
+            _check_stop(should_stop)
             end = cell + 1
             if fixed[cell]:
                 while end < N and fixed[end]:
@@ -338,6 +352,7 @@ def generate(
     cond_scale: float = 1.0,
     seed: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    should_stop: ShouldStop = None,
 ) -> Generation:
     """`n` samples per prompt; returns the best `keep` (default all n) per prompt, best first.
 
@@ -345,7 +360,8 @@ def generate(
     ranked by CLIP similarity with their prompt; without it, by log-likelihood. `top_k` counts image codes.
     `temperature` 0 is greedy. `cond_scale` > 1 strengthens the caption (classifier-free guidance; the model
     must have been trained with caption dropout). Sample i gets seed `seed + i` (prompt-major); without `seed`
-    a random base is drawn and reported in `Generation.seeds`."""
+    a random base is drawn and reported in `Generation.seeds`. `should_stop` (e.g. a server's "client left") is
+    asked between sampling steps and batches; when it says True, GenerationStopped is raised."""
     model, vae = unwrap(model), unwrap(vae)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -358,8 +374,8 @@ def generate(
     seeds = [base + index for index in range(len(prompts) * n)]
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
     with eval_mode(model, vae):
-        codes, log_likelihood = _sample_batches(model, text[rows], seeds, batch_size, settings)
-        images = _decode_batches(vae, codes, batch_size)
+        codes, log_likelihood = _sample_batches(model, text[rows], seeds, batch_size, settings, should_stop=should_stop)
+        images = _decode_batches(vae, codes, batch_size, should_stop)
     row_prompts = [prompts[int(index)] for index in rows]
     return _select(images, codes, row_prompts, seeds, log_likelihood, clip, n, keep, vae.config.grid_size)
 
@@ -382,6 +398,7 @@ def inpaint(
     seed: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     blend_radius: int | None = None,
+    should_stop: ShouldStop = None,
 ) -> Generation:
     """Regenerates a region of `image` (3, H, W) in [0, 1] consistent with `prompt`; `n` candidates, the best
     `keep` returned. `region` is a box (x0, y0, x1, y1) in pixels, end exclusive, or a mask (H, W) that is
@@ -389,7 +406,7 @@ def inpaint(
     are resampled in raster order, the others fed as given. Candidates are ranked by CLIP with `clip`, else by
     the log-likelihood of the whole sequence (which counts the given codes after the region). The output keeps
     the original pixels outside the region exactly; inside, the decoded pixels are blended in over
-    `blend_radius` pixels (default: a quarter of a cell) from its border."""
+    `blend_radius` pixels (default: a quarter of a cell) from its border. `should_stop` as in `generate`."""
     model, vae = unwrap(model), unwrap(vae)
     keep = _check_request(model, vae, tokenizer, n, keep, temperature, top_k, top_p, cond_scale, batch_size)
     image = _check_image(image, vae)  # (1, 3, H, W)
@@ -404,7 +421,9 @@ def inpaint(
     cells = cells_in_region(mask, vae.config.grid_size)  # (h, w)
     radius = max(1, cell_size // 4) if blend_radius is None else blend_radius
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
-    generation = _resample(model, vae, tokenizer, image, cells, prompt, n, keep, clip, seed, batch_size, settings)
+    generation = _resample(
+        model, vae, tokenizer, image, cells, prompt, n, keep, clip, seed, batch_size, settings, should_stop
+    )
     alpha = blend_weights(mask, radius).to(generation.images)  # (H, W)
     source = image.to(generation.images)
     blended = source * (1 - alpha) + generation.images * alpha  # (M, 3, H, W)
@@ -429,10 +448,11 @@ def variations(
     cond_scale: float = 1.0,
     seed: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    should_stop: ShouldStop = None,
 ) -> Generation:
     """Variations of `image` (3, H, W): its top `keep_rows` code rows (default half the grid) are kept and the
     rest resampled given `prompt` (OpenAI primed DALL·E with the top rows of an image the same way). Ranked
-    like `inpaint`; the images are decoded whole."""
+    like `inpaint`; the images are decoded whole. `should_stop` as in `generate`."""
     model, vae = unwrap(model), unwrap(vae)
     keep = _check_request(model, vae, tokenizer, n, keep, temperature, top_k, top_p, cond_scale, batch_size)
     grid = vae.config.grid_size
@@ -446,7 +466,9 @@ def variations(
     cells = torch.zeros(grid, grid, dtype=torch.bool)
     cells[keep_rows:] = True
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
-    return _resample(model, vae, tokenizer, image, cells, prompt, n, keep, clip, seed, batch_size, settings)
+    return _resample(
+        model, vae, tokenizer, image, cells, prompt, n, keep, clip, seed, batch_size, settings, should_stop
+    )
 
 
 # ------------------------------------------------------------------------------------------ regions
@@ -586,24 +608,29 @@ def _sample_batches(
     settings: dict,
     given: torch.Tensor | None = None,
     resample: torch.Tensor | None = None,
+    should_stop: ShouldStop = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     codes, log_likelihood = [], []
     for begin in range(0, text.shape[0], batch_size):
         end = begin + batch_size
         batch_given = None if given is None else given[begin:end]
         batch_codes, batch_ll = sample_codes(
-            model, text[begin:end], seeds[begin:end], given=batch_given, resample=resample, **settings
-        )
+            model, text[begin:end], seeds[begin:end], given=batch_given, resample=resample, should_stop=should_stop,
+            **settings,
+        )  # fmt: skip
         codes.append(batch_codes)
         log_likelihood.append(batch_ll)
     return torch.cat(codes), torch.cat(log_likelihood)
 
 
-def _decode_batches(vae: nn.Module, codes: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _decode_batches(
+    vae: nn.Module, codes: torch.Tensor, batch_size: int, should_stop: ShouldStop = None
+) -> torch.Tensor:
     """Images (M, 3, H, W) in fp32 (also when decoded under autocast) from codes (M, h*w)."""
     grid = vae.config.grid_size
     images = []
     for begin in range(0, len(codes), batch_size):
+        _check_stop(should_stop)
         images.append(vae.decode(codes[begin : begin + batch_size].view(-1, grid, grid)))  # codes (b, h, w)
     return torch.cat(images).float()  # (M, 3, H, W)
 
@@ -621,6 +648,7 @@ def _resample(
     seed: int | None,
     batch_size: int,
     settings: dict,
+    should_stop: ShouldStop = None,
 ) -> Generation:
     """n samples of `image` (1, 3, H, W) with the codes of `cells` (h, w) resampled and its other codes kept."""
     device = model.start_of_image_embedding.device
@@ -631,9 +659,10 @@ def _resample(
         original = vae.encode(image.to(device_of(vae)))  # (1, h, w)
         given = original.reshape(1, -1).to(device).expand(n, -1)  # (n, N)
         codes, log_likelihood = _sample_batches(
-            model, text.expand(n, -1), seeds, batch_size, settings, given=given, resample=cells.reshape(-1)
-        )  # text (n, T), resample (h*w,)
-        images = _decode_batches(vae, codes, batch_size)
+            model, text.expand(n, -1), seeds, batch_size, settings, given=given, resample=cells.reshape(-1),
+            should_stop=should_stop,
+        )  # text (n, T), resample (h*w,)  # fmt: skip
+        images = _decode_batches(vae, codes, batch_size, should_stop)
         return _select(images, codes, [prompt] * n, seeds, log_likelihood, clip, n, keep, vae.config.grid_size)
 
 

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .io import atomic_write
+from .io import atomic_write, read_file
 
 # Refuse images above this many pixels before decoding them: a small file can claim a huge canvas (a
 # "decompression bomb") and exhaust memory. 64 M pixels is an 8000 x 8000 photo, far above any training size.
+# The count is of RGB pixels: an image with more bands or wider samples costs more (see `decoded_cost`).
 MAX_IMAGE_PIXELS = 64_000_000
+MAX_IMAGE_BYTES = 256 << 20  # an encoded image file or shard member; a 64 M pixel PNG is below it
 # Pillow's resize first shrinks by an integer factor with a box filter while the image stays at least
 # `RESIZE_REDUCING_GAP` times the target: much faster on big photos and, per the Pillow docs, indistinguishable
 # from a full-quality resize at 3.0.
@@ -44,13 +46,13 @@ def decode_image(data: bytes | str | Path, name: str | None = None, max_pixels: 
     """Decodes encoded image bytes or an image file to an RGB image with its EXIF orientation applied.
 
     `name` is used in error messages (defaults to the path, or "image bytes"). Truncated files, unreadable
-    bytes and images above `max_pixels` (a server may set a lower cap) raise BadImage. Animated images give their
-    first frame.
+    bytes, files that are not regular or above MAX_IMAGE_BYTES, and images whose `decoded_cost` is above
+    `max_pixels` (a server may set a lower cap) raise BadImage. Animated images give their first frame.
     """
     if isinstance(data, (str, Path)):
         name = name or str(data)
         try:
-            data = Path(data).read_bytes()
+            data = read_file(data, MAX_IMAGE_BYTES, "image file")
         except OSError as error:
             raise BadImage(f"{name}: cannot read the file ({_one_line(error.strerror or error)})") from None
     name = name or "image bytes"
@@ -63,9 +65,10 @@ def decode_image(data: bytes | str | Path, name: str | None = None, max_pixels: 
             width, height = image.size
             if width < 1 or height < 1:
                 raise BadImage(f"{name}: empty image ({width} x {height} pixels)")
-            if width * height > max_pixels:
+            cost = decoded_cost(image)
+            if cost > max_pixels:
                 raise BadImage(
-                    f"{name}: {width} x {height} = {width * height} pixels is above the pixel limit "
+                    f"{name}: {width} x {height} {image.mode} costs {cost} RGB pixels to decode, above the pixel limit "
                     f"({max_pixels}); refusing to decode it (a decompression bomb or an oversized image)"
                 )
             # `.load()` decodes now, inside the try: Pillow decodes lazily, and with LOAD_TRUNCATED_IMAGES left
@@ -81,6 +84,16 @@ def decode_image(data: bytes | str | Path, name: str | None = None, max_pixels: 
         raise BadImage(f"{name}: image too large to decode safely ({_one_line(error)})") from None
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, zlib.error, ...
         raise BadImage(f"{name}: not a readable image ({type(error).__name__}: {_one_line(error)})") from None
+
+
+def decoded_cost(image: Image.Image) -> int:
+    """What decoding an opened (not yet loaded) image costs, in RGB pixels: width x height x bands x bytes per band
+    / 3, and at least its pixel count. An RGBA or CMYK image costs 4/3 of its pixels (transparency is composited on
+    white through RGBA copies), a 32-bit integer or float one 4/3: the pixel cap bounds memory whatever the mode."""
+    width, height = image.size
+    bands = len(image.getbands())
+    band_bytes = 2 if image.mode.startswith("I;16") else 4 if image.mode in ("I", "F") else 1
+    return width * height * max(3, bands * band_bytes) // 3
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

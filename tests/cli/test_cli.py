@@ -7,6 +7,7 @@ from helpers import assert_one_line_error, run
 
 from clipdalle import checkpoint
 from clipdalle.data import icons
+from clipdalle.data.sources import DataWarning
 
 
 def test_unknown_flag_lists_the_valid_ones(capsys, shapes_folder, tmp_path):
@@ -83,3 +84,29 @@ def test_wrong_kind_of_path_for_a_run(capsys, tmp_path):
 def test_incomplete_commands_are_one_line_errors(capsys, argv):
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, "clipdalle")
+
+
+def test_a_bad_caption_is_skipped_through_a_resumed_run_and_never_read_for_images(
+    capsys, shapes_folder, tiny_clip_run, tmp_path
+):
+    bad = shapes_folder / "circle_red_0.txt"
+    bad.write_bytes("un cercle rouge, très rouge".encode("latin-1"))
+    out = tmp_path / "clip"
+    base = ["train", "clip", "--data", str(shapes_folder), "--out", str(out), "--preset", "tiny"]
+    for steps, resume in (("8", []), ("16", ["--resume"])):
+        with pytest.warns(DataWarning, match=f"{bad}: caption skipped with its image, not UTF-8"):
+            code, _, err = run(capsys, *base, "--steps", steps, "--save-every", "4", "--eval-every", "8", *resume)
+        assert code == 0 and "unreadable sample(s) skipped" in err, err
+    assert checkpoint.checkpoint_step(out) == 16
+    rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert max(float(value) for _, split, name, value in rows if name == "skipped_images") >= 1
+
+    code, _, err = run(capsys, "train", "vae", "--data", str(shapes_folder), "--out", str(tmp_path / "vae"),
+                       "--preset", "tiny", "--steps", "4", "--num-workers", "1")  # fmt: skip
+    assert code == 0 and str(bad) not in err, err  # the dVAE never opens a caption
+
+    code, stdout, err = run(capsys, "index", "build", "--clip", str(tiny_clip_run), "--data", str(shapes_folder),
+                            "--out", str(tmp_path / "index"), "--num-workers", "1")  # fmt: skip
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["skipped"] == 1 and info["count"] + info["duplicates"] == 31

@@ -3,12 +3,16 @@ import io
 import json
 import os
 import tarfile
+import warnings
 
 import pytest
 from PIL import Image
 
+from clipdalle.data import sources
+from clipdalle.data.loader import SampleStream
 from clipdalle.data.sources import (
     UNIT_SIZE,
+    DataWarning,
     FileSource,
     ShardSource,
     expand_braces,
@@ -17,6 +21,7 @@ from clipdalle.data.sources import (
     open_source,
     resolve_splits,
 )
+from clipdalle.transforms import BadImage
 
 # key -> (image file suffix, caption file text, captions it should give)
 SAMPLES = {
@@ -162,17 +167,83 @@ def test_missing_caption_is_an_error_unless_optional(tmp_path):
     assert_one_line_error(ValueError, lambda: open_source(tmp_path, captions="maybe"), "required", "'maybe'")
 
 
-def test_two_images_with_one_stem_are_an_error(tmp_path):
-    (tmp_path / "a.png").write_bytes(b"")
-    (tmp_path / "a.jpg").write_bytes(b"")
-    assert_one_line_error(ValueError, lambda: open_source(tmp_path, captions="optional"), "a.png", "a.jpg")
+def test_images_sharing_a_stem_are_a_warning_with_a_count(tmp_path):
+    for name in ("a.png", "a.jpg", "a.webp", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.warns(DataWarning) as warned:
+        source = open_source(tmp_path, captions="optional")
+    assert [record.name for record in source] == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
+    (message,) = [str(warning.message) for warning in warned]
+    assert "2 image(s) skipped" in message and "a.png" in message and "\n" not in message
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("image,caption\na.png,one\na.jpg,two\na.png,three\n")
+    with pytest.warns(DataWarning, match="1 row\\(s\\) skipped .*line 3: .*a.jpg"):
+        records = list(open_source(manifest))
+    assert [(record.key, record.captions) for record in records] == [("a", ("one", "three"))]
 
 
-def test_non_utf8_caption_names_the_txt_file(tmp_path):
+def test_unreadable_captions_skip_their_sample_named_once(tmp_path):
     write_folder(tmp_path)
     (tmp_path / "red_square.txt").write_bytes("un carré rouge".encode("latin-1"))
     source = open_source(tmp_path)  # listing does not read captions
-    assert_one_line_error(ValueError, lambda: list(source), tmp_path / "red_square.txt", "UTF-8")
+    with pytest.warns(DataWarning) as warned:
+        records = {record.key: record for record in source}
+    assert [str(warning.message) for warning in warned] == [records["red_square"].error]
+    message = records["red_square"].error
+    assert str(tmp_path / "red_square.txt") in message and "not UTF-8" in message and "\n" not in message
+    assert all(record.error is None for key, record in records.items() if key != "red_square")
+    with pytest.raises(BadImage, match="red_square.txt"):
+        records["red_square"].decode()
+    # Image-only readers never open a caption file.
+    (tmp_path / "cats" / "tabby.txt").unlink()
+    (tmp_path / "cats" / "tabby.txt").symlink_to("/dev/zero")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = list(open_source(tmp_path, captions="none"))
+    assert len(records) == 4 and all(record.error is None and record.captions == () for record in records)
+
+
+def test_special_files_are_refused_before_reading(tmp_path):
+    write_folder(tmp_path / "data")
+    os.mkfifo(tmp_path / "data" / "fifo.png")
+    (tmp_path / "data" / "cats" / "black.txt").unlink()
+    os.mkfifo(tmp_path / "data" / "cats" / "black.txt")  # a FIFO caption
+    (tmp_path / "data" / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "data" / "fifo.txt").write_text("a pipe")
+    (tmp_path / "data" / "zero.txt").write_text("endless zeros")
+    with pytest.warns(DataWarning, match="black.txt: caption skipped with its image, not a regular caption file"):
+        records = {record.key: record for record in open_source(tmp_path / "data")}
+    for key in ("fifo", "zero"):
+        with pytest.raises(BadImage, match="not a regular image file"):
+            records[key].decode()
+    assert records["cats/black"].error is not None
+    with pytest.warns(DataWarning):
+        batches = list(SampleStream(open_source(tmp_path / "data"), image_size=8, batch_size=16, infinite=False))
+    assert batches[0]["skipped"] == 3 and len(batches[0]["keys"]) == 3
+    (tmp_path / "list.jsonl").symlink_to("/dev/zero")
+    assert_one_line_error(ValueError, lambda: open_source(tmp_path / "list.jsonl"), "list.jsonl", "not a regular")
+    os.mkfifo(tmp_path / "shard.tar")
+    (only,) = list(ShardSource(tmp_path, [tmp_path / "shard.tar"]))
+    assert "not a regular file" in only.error
+
+
+def test_oversized_shard_members_are_skipped_by_their_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 4096)
+    monkeypatch.setattr(sources, "MAX_CAPTION_BYTES", 100)
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        add_member(archive, "big.png", bytes(1 << 20))  # 1 MiB of zeros: a few kB compressed
+        add_member(archive, "big.txt", b"a caption")
+        add_member(archive, "long.png", image_bytes(".png"))
+        add_member(archive, "long.txt", b"x" * 101)
+        add_member(archive, "fine.png", image_bytes(".png"))
+        add_member(archive, "fine.txt", b"a fine caption")
+    assert path.stat().st_size < 10_000
+    with pytest.warns(DataWarning):
+        records = {record.key: record for record in open_source(path)}
+    assert "image member of 1048576 bytes is above the limit of 4096" in records["bomb/big"].error
+    assert "caption of 101 bytes is above the limit 100" in records["bomb/long"].error
+    assert records["bomb/big"].data is None and records["bomb/fine"].captions == ("a fine caption",)
 
 
 def test_dataset_errors_are_one_line_and_name_the_path(tmp_path):
@@ -293,12 +364,17 @@ def test_shard_members_labels_and_metadata(tmp_path):
     assert records[1].data == image_bytes(".webp") and records[1].name == f"{shard}:k3.webp"
 
 
-def test_shard_caption_errors_name_the_member(tmp_path):
+def test_shard_caption_problems_skip_the_sample_and_name_the_member(tmp_path):
     shard = write_shard(tmp_path / "s.tar", [("k1.png", image_bytes(".png")), ("k1.txt", b"ok"), ("k2.png", b"x")])
-    assert_one_line_error(ValueError, lambda: list(open_source(shard)), f"{shard}:k2.png", "k2.txt")
+    with pytest.warns(DataWarning, match="k2.png: no caption"):
+        records = list(open_source(shard))
+    assert records[0].error is None and f"{shard}:k2.png" in records[1].error and "k2.txt" in records[1].error
     assert [record.captions for record in open_source(shard, captions="optional")] == [("ok",), ()]
     latin = write_shard(tmp_path / "latin.tar", [("k.png", b"x"), ("k.txt", "carré".encode("latin-1"))])
-    assert_one_line_error(ValueError, lambda: list(open_source(latin)), f"{latin}:k.txt", "UTF-8")
+    with pytest.warns(DataWarning, match="latin.tar:k.txt: caption skipped with its image, not UTF-8"):
+        (record,) = list(open_source(latin))
+    assert record.data is None and "UTF-8" in record.error
+    assert list(open_source(latin, captions="none"))[0].error is None
 
 
 def damaged_copy(tmp_path, data: bytes, cut: int, name: str):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import lock_held_by_another_process
 
 from clipdalle import checkpoint, cli
 from clipdalle.config import load_preset
@@ -234,3 +235,17 @@ def test_fresh_never_deletes_a_folder_the_pipeline_did_not_make(tmp_path, capsys
         assert (mine / "holiday.jpg").read_bytes() == b"irreplaceable" and sorted(p.name for p in mine.iterdir()) == [
             "holiday.jpg"
         ]
+
+
+def test_a_second_pipeline_on_one_folder_is_refused_and_deletes_nothing(tmp_path, capsys):
+    preset = write_preset(tmp_path / "preset.json", tiny_spec())
+    out = tmp_path / "out"
+    (out / "vae").mkdir(parents=True)
+    (out / pipeline.MARKER).write_text("made by clipdalle pipeline")
+    (out / "vae" / "config.json").write_text("{}")
+    with lock_held_by_another_process(out) as other:
+        argv = ["pipeline", "--preset", preset, "--out", str(out), "--data-dir", str(tmp_path / "d"), "--fresh"]
+        code = cli.main(argv)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(error) == 1 and f"pid {other}" in error[0] and str(out) in error[0]
+    assert (out / "vae" / "config.json").read_text() == "{}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_shapes_folder
+from helpers import lock_held_by_another_process, make_shapes_folder
 
 pytest.importorskip("faiss")
 
@@ -142,6 +142,20 @@ def test_empty_collection_and_existing_index_are_one_line_errors(shapes_index, t
         index.build_index(tiny_clip_run, data, shapes_index, num_workers=0)
     with pytest.raises(FileNotFoundError, match="not an index"):
         Index.open(tmp_path / "nowhere")
+
+
+def test_a_second_writer_of_an_index_gets_a_one_line_error(opened, shapes_32, tiny_clip_run, tmp_path):
+    out = tmp_path / "index"
+    with lock_held_by_another_process(out) as other:
+        with pytest.raises(ValueError, match=f"another process \\(pid {other}: .*\\) is using it to build an index"):
+            index.build_index(tiny_clip_run, shapes_32, out, num_workers=0)
+        assert sorted(path.name for path in out.iterdir()) == [".lock"]  # nothing written, nothing deleted
+    count = len(opened)
+    with lock_held_by_another_process(opened.path) as other:
+        for change in (lambda: opened.add(shapes_32, num_workers=0), lambda: opened.remove([1])):
+            with pytest.raises(ValueError, match=f"pid {other}"):
+                change()
+    assert len(opened) == count
 
 
 # ------------------------------------------------------------------------------------------ search

@@ -2,14 +2,11 @@
 serving a tiny index, CLIP and DALL·E. What a user does: search, click a result, drop an image, zero-shot, generate,
 draw a box and inpaint, unlock a server that wants an API key."""
 
-import contextlib
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from helpers import serving
 
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "browser-test-key"
@@ -41,29 +38,6 @@ def browser():
         )
         yield browser
         browser.close()
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Runs `app` with uvicorn on a thread, on a loopback socket bound here (so no other process takes the port)."""
-    import uvicorn
-
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start serving the app")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        listener.close()
 
 
 @pytest.fixture(scope="module")

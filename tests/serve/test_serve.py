@@ -13,12 +13,17 @@ pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import assert_one_line_error, run  # noqa: E402
+from helpers import BlockingJobs, assert_one_line_error, run  # noqa: E402
 
 from clipdalle import cli  # noqa: E402
 from clipdalle.serve import ServeModels, ServeSettings, create_app, load_models  # noqa: E402
 from clipdalle.serve.generation_routes import box_in_model_pixels  # noqa: E402
 from clipdalle.serve.limits import GenerationQueue, QueueFull  # noqa: E402
+
+
+def local_client(app) -> TestClient:
+    """A test client whose requests name localhost, one of the host names a server answers by default."""
+    return TestClient(app, base_url="http://localhost")
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -52,7 +57,7 @@ def models(built_index, tiny_runs):
 
 @pytest.fixture(scope="module")
 def client(models):
-    return TestClient(create_app(models))
+    return local_client(create_app(models))
 
 
 def test_info_reports_models_and_limits(client):
@@ -251,7 +256,7 @@ def test_bad_images_name_the_problem(client):
 
 
 def test_uploads_above_the_caps_get_413(models):
-    client = TestClient(create_app(models, ServeSettings(max_upload_bytes=1000)))
+    client = local_client(create_app(models, ServeSettings(max_upload_bytes=1000)))
     big = png_of(Image.effect_noise((64, 64), 50))
     assert len(big) > 1000
     response = client.post("/api/similar", **upload(big))
@@ -265,7 +270,7 @@ def test_uploads_above_the_caps_get_413(models):
 
 def test_a_full_generation_queue_answers_503(models):
     app = create_app(models, ServeSettings(max_queue=1))
-    client = TestClient(app)
+    client = local_client(app)
     release = threading.Event()
     blocker = app.state.queue.submit(release.wait)  # the worker is busy and the queue holds its one request
     try:
@@ -281,36 +286,19 @@ def test_a_full_generation_queue_answers_503(models):
 
 
 def test_the_queue_runs_one_job_at_a_time_in_order():
-    queue = GenerationQueue(capacity=3)
-    running, peak, order = [0], [0], []
-    lock = threading.Lock()
-    release = threading.Event()
-
-    def job(number: int):
-        def run_job():
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            release.wait(5)
-            with lock:
-                running[0] -= 1
-                order.append(number)
-            return number * 10
-
-        return run_job
-
-    futures = [queue.submit(job(number)) for number in range(3)]
+    queue, jobs = GenerationQueue(capacity=3), BlockingJobs()
+    futures = [queue.submit(jobs.job(number * 10, timeout=5)) for number in range(3)]
     with pytest.raises(QueueFull, match="queue is full"):
-        queue.submit(job(3))
-    release.set()
+        queue.submit(jobs.job(30))
+    jobs.release.set()
     assert [future.result(timeout=5) for future in futures] == [0, 10, 20]
-    assert order == [0, 1, 2] and peak[0] == 1
-    assert queue.submit(job(4)).result(timeout=5) == 40  # room again once the jobs finished
+    assert jobs.finished == [0, 10, 20] and jobs.peak == 1
+    assert queue.submit(jobs.job(40)).result(timeout=5) == 40  # room again once the jobs finished
     queue.close()
 
 
 def test_api_key_is_required_everywhere_but_the_page(models):
-    client = TestClient(create_app(models, ServeSettings(api_key="sekrit")))
+    client = local_client(create_app(models, ServeSettings(api_key="sekrit")))
     response = client.get("/api/info")
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
     assert "Authorization: Bearer" in response.json()["detail"]
@@ -327,7 +315,7 @@ def test_api_key_is_required_everywhere_but_the_page(models):
 
 
 def test_cors_allows_exactly_the_given_origins(models):
-    client = TestClient(create_app(models, ServeSettings(cors_origins=["http://app.example"])))
+    client = local_client(create_app(models, ServeSettings(cors_origins=["http://app.example"])))
     allowed = client.get("/api/info", headers={"Origin": "http://app.example"})
     assert allowed.headers["access-control-allow-origin"] == "http://app.example"
     other = client.get("/api/info", headers={"Origin": "http://evil.example"})
@@ -339,18 +327,19 @@ def test_cors_allows_exactly_the_given_origins(models):
     assert preflight.status_code == 200 and "GET" in preflight.headers["access-control-allow-methods"]
     assert (
         "access-control-allow-origin"
-        not in TestClient(create_app(models)).get("/api/info", headers={"Origin": "http://app.example"}).headers
+        not in local_client(create_app(models)).get("/api/info", headers={"Origin": "http://app.example"}).headers
     )
 
 
 def test_missing_models_are_clear_errors(models):
-    search_only = TestClient(create_app(ServeModels(index=models.index)))
+    search_only = local_client(create_app(ServeModels(index=models.index)))
     assert search_only.get("/api/info").json()["dalle"] is False
     response = search_only.post("/api/generate", json={"prompt": "x"})
     assert response.status_code == 503 and "--dalle" in response.json()["detail"]
     response = search_only.post("/v1/images/generations", json={"prompt": "x"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
-    generate_only = TestClient(create_app(ServeModels(dalle=models.dalle, vae=models.vae, tokenizer=models.tokenizer)))
+    dalle_only = ServeModels(dalle=models.dalle, vae=models.vae, tokenizer=models.tokenizer)
+    generate_only = local_client(create_app(dalle_only))
     response = generate_only.get("/api/search", params={"q": "cat"})
     assert response.status_code == 503 and "--index" in response.json()["detail"]
     response = generate_only.post("/api/classify", **upload(GARBAGE, labels="a,b"))
@@ -371,7 +360,7 @@ def test_cli_serve_loads_a_pipeline_directory(capsys, monkeypatch, built_index, 
     code, _, err = run(capsys, "serve", str(pipeline), "--port", "8123", "--api-key", "k", "--rerank", "2")
     assert code == 0, err
     assert served["port"] == 8123 and served["host"] == "127.0.0.1" and "http://127.0.0.1:8123" in err
-    client = TestClient(served["app"])
+    client = local_client(served["app"])
     info = client.get("/api/info", headers={"Authorization": "Bearer k"}).json()
     assert info["search"] and info["clip"] and info["dalle"] and served["app"].state.settings.rerank == 2
 

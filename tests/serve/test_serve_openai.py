@@ -2,8 +2,6 @@
 
 import base64
 import io
-import socket
-import threading
 import time
 
 import numpy as np
@@ -15,6 +13,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 import httpx  # noqa: E402
+from helpers import serving  # noqa: E402
 
 from clipdalle.serve import ServeSettings, create_app, load_models  # noqa: E402
 from clipdalle.serve.openai_api import ImageStore  # noqa: E402
@@ -23,28 +22,11 @@ from clipdalle.transforms import resize_crop  # noqa: E402
 API_KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_runs, tiny_clip_run):
     models = load_models(clip=tiny_clip_run, dalle=tiny_runs[1])
-    app = create_app(models, ServeSettings(api_key=API_KEY, rerank=2))
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    instance = uvicorn.Server(config)
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not instance.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(models, ServeSettings(api_key=API_KEY, rerank=2))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
 """The shared training loop with a toy model: schedule, decay groups, learning, metrics, resume, DDP."""
 
 import csv
+import math
 from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import lock_held_by_another_process
 
 from clipdalle import checkpoint
 from clipdalle.config import TrainConfig
@@ -157,3 +159,88 @@ def test_bf16_autocast_trains(tmp_path):
     torch.manual_seed(0)
     model = train(Toy(ToyConfig()), toy_loss, toy_batches(), tmp_path / "run", config(steps=10, dtype="bf16"))
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def nan_at(steps_to_poison, total=30):
+    """toy_loss, but NaN (with NaN gradients) at the given 0-based steps."""
+
+    def loss_fn(model, batch, progress):
+        loss, metrics = toy_loss(model, batch, progress)
+        if round(progress * total) in steps_to_poison:
+            loss = loss * float("nan")
+            metrics = {"loss": float("nan")}
+        return loss, metrics
+
+    return loss_fn
+
+
+def test_a_nan_loss_skips_its_step_and_is_counted(tmp_path):
+    torch.manual_seed(0)
+    model = train(Toy(ToyConfig()), nan_at({2, 17}), toy_batches(), tmp_path / "run", config())
+    assert checkpoint.nonfinite_tensors(model) == []
+    assert checkpoint.checkpoint_step(tmp_path / "run") == 30
+    loaded = checkpoint.load_model(tmp_path / "run")
+    assert all(torch.isfinite(tensor).all() for tensor in loaded.state_dict().values())
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "train"]
+    skipped = {int(row["step"]): float(row["value"]) for row in rows if row["name"] == "skipped_steps"}
+    assert skipped[5] == 1 and skipped[15] == 1 and skipped[20] == 2 and skipped[30] == 2
+    assert all(math.isfinite(float(row["value"])) for row in rows if row["name"] == "loss")
+
+
+def test_nan_losses_in_a_row_stop_the_run_and_resume_from_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    with pytest.raises(ValueError) as raised:
+        train(Toy(ToyConfig()), nan_at(set(range(13, 30))), toy_batches(), run, config(max_skipped_steps=3))
+    message = str(raised.value)
+    assert "\n" not in message and str(run) in message and "steps 14 to 16" in message and "step 10" in message
+    assert checkpoint.checkpoint_step(run) == 10
+
+    # The weights on disk are the good ones of step 10 (as a run that crashed there left them); --resume goes on.
+    def crash_at_13(model, batch, progress):
+        if round(progress * 30) >= 13:
+            raise RuntimeError("simulated crash")
+        return toy_loss(model, batch, progress)
+
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(Toy(ToyConfig()), crash_at_13, toy_batches(), tmp_path / "reference", config())
+    reference = checkpoint.load_model(tmp_path / "reference").state_dict()
+    for name, tensor in checkpoint.load_model(run).state_dict().items():
+        assert torch.equal(reference[name], tensor), name
+    resumed = train(Toy(ToyConfig()), toy_loss, toy_batches(), run, config(max_skipped_steps=3), resume=True)
+    assert checkpoint.checkpoint_step(run) == 30 and checkpoint.nonfinite_tensors(resumed) == []
+
+
+def test_non_finite_weights_are_never_committed(tmp_path):
+    model = Toy(ToyConfig())
+    checkpoint.save_checkpoint(tmp_path, model, {"step": 1})
+    checkpoint.save_model(tmp_path / "model", model)
+    before = (tmp_path / checkpoint.WEIGHTS_FILE).read_bytes()
+    with torch.no_grad():
+        model.linear.weight[0, 0] = float("inf")
+        model.norm.bias[0] = float("nan")
+    for save in (
+        lambda: checkpoint.save_checkpoint(tmp_path, model, {"step": 2}),
+        lambda: checkpoint.save_weights(tmp_path / checkpoint.WEIGHTS_FILE, model),
+        lambda: checkpoint.save_model(tmp_path / "model", model),
+        lambda: checkpoint.save_model(tmp_path / "new", model),
+    ):
+        with pytest.raises(ValueError, match="NaN or infinite values \\(2 tensor"):
+            save()
+    assert (tmp_path / checkpoint.WEIGHTS_FILE).read_bytes() == before
+    assert checkpoint.checkpoint_step(tmp_path) == 1 and checkpoint.load_train_state(tmp_path)["step"] == 1
+    assert not (tmp_path / "new").exists()
+    checkpoint.load_model(tmp_path / "model")
+
+
+def test_a_second_writer_of_a_run_gets_a_one_line_error(tmp_path):
+    run = tmp_path / "run"
+    with lock_held_by_another_process(run) as other:
+        with pytest.raises(ValueError) as raised:
+            train(Toy(ToyConfig()), toy_loss, toy_batches(), run, config(steps=2))
+    message = str(raised.value)
+    assert "\n" not in message and str(run) in message and f"pid {other}" in message
+    assert not (run / checkpoint.CONFIG_FILE).exists()
+    train(Toy(ToyConfig()), toy_loss, toy_batches(), run, config(steps=2))  # released: the run goes ahead

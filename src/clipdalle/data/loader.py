@@ -8,7 +8,8 @@ batches is a pure function of the configuration. With `torch.utils.data.DataLoad
 w, w + W, w + 2W, ... of a rank's stream; a resumed run therefore starts each worker at its own offset and
 skips the batches before it without decoding a single image.
 
-An unreadable image is dropped from its batch and counted in the batch's `skipped` field, never fatal.
+An unreadable sample (its image, or its caption: a Record with `error` set) is dropped from its batch and counted
+in the batch's `skipped` field, never fatal.
 """
 
 from __future__ import annotations

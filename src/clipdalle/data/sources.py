@@ -5,14 +5,20 @@ chunk of 64 files, or one shard), so the loader can deal units to DDP ranks and 
 gives `Record`s: a stable key, encoded image bytes or an image path, and captions (or a label). Images are decoded
 only when a reader asks (`Record.decode`), and an unreadable one raises `BadImage` for the loader to count.
 
-Problems the user must fix (missing path, no images, a missing or non-UTF-8 caption, a manifest without the
-needed columns, an unknown format) raise one-line errors naming the file. A damaged shard is not the user's
-doing (an interrupted download) and never raises: it yields its good records, then one Record with `error` set.
+Problems the user must fix before anything runs (missing path, no images, an image without a caption file, a
+manifest without the needed columns, an unknown format) raise one-line errors naming the file. What is found
+only while reading, deep into a long run, never raises: a damaged shard yields its good records, then one Record
+with `error` set; an unreadable caption (not UTF-8, not a regular file, too large, missing from a shard), a
+special file (FIFO, device) or an oversized image or member gives a Record with `error` set, which the loader
+skips and counts like an unreadable image, and is named once in a `DataWarning`. Files are read only when
+regular and within a size cap checked before reading (from the file's stat or the tar header). Captions are read
+only by what needs them (`captions="none"` never opens a caption file).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
 import io
@@ -21,6 +27,7 @@ import os
 import posixpath
 import re
 import tarfile
+import warnings
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -30,18 +37,30 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from ..transforms import BadImage, decode_image
+from ..io import read_file
+from ..transforms import MAX_IMAGE_BYTES, BadImage, decode_image
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")  # matched case-insensitively
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")  # streamed with tarfile "r|*", which also reads compressed shards
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl")
 UNIT_SIZE = 64  # images per unit for folders and manifests: small datasets still split across processes
-CAPTION_MODES = ("required", "optional")
+CAPTION_MODES = ("required", "optional", "none")  # "none": captions are never read (image-only training)
+MAX_CAPTION_BYTES = 1 << 20  # a caption file or member: thousands of captions, far below a worker's memory
+MAX_MANIFEST_BYTES = 1 << 30  # a manifest is read whole; bigger collections belong in shards
 
 _SUPPORTED = (
     "a folder of images with same-stem .txt captions, .tar shards (a file, a glob, a {000..009} brace pattern "
     "or a folder of .tar files), or a .csv/.tsv/.jsonl manifest with 'image' and 'caption' columns"
 )
+
+
+class DataWarning(UserWarning):
+    """A sample skipped or a dataset oddity worked around; the message names the file."""
+
+
+def warn(message: str) -> None:
+    """A DataWarning: Python's default filter shows each distinct message once per process."""
+    warnings.warn(message, DataWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -54,13 +73,18 @@ class Record:
     label: str | None = None  # class name, for labelled evaluation data only
     error: str | None = None  # set when the record could not be read (e.g. truncated tar); the loader skips+counts it
     codes: Any = None  # dVAE code ids (h*w,) for records of a token cache (data/codes.py); no image then
+    shard: str | None = None  # the shard holding the image (as given), for tar members
+    member: str | None = None  # the image's member name in that shard, exactly as stored (any letter case)
 
     def read_bytes(self) -> bytes:
-        """The encoded image: the tar member's bytes, or the image file's contents."""
+        """The encoded image: the tar member's bytes, or the image file's contents; BadImage for a record that
+        could not be read (`error`), OSError for a file that cannot be."""
+        if self.error is not None:
+            raise BadImage(self.error)
         if self.data is not None:
             return self.data
         if self.path is not None:
-            return self.path.read_bytes()
+            return read_file(self.path, MAX_IMAGE_BYTES, "image file")
         raise ValueError(f"{self.name}: record has no image ({self.error or 'neither data nor path set'})")
 
     def decode(self, data: bytes | None = None) -> Image.Image:
@@ -130,22 +154,33 @@ class FileSource(Source):
         self._check_unit(unit)
         start = int(unit) * UNIT_SIZE
         for entry in self._entries[start : start + UNIT_SIZE]:
-            captions = entry.captions
+            captions, error = entry.captions, None
             if entry.caption_file is not None:
-                captions = _caption_lines(Path(entry.caption_file).read_bytes(), entry.caption_file)
-            yield Record(key=entry.key, name=entry.image, path=Path(entry.image), captions=captions, label=entry.label)
+                try:
+                    captions = _caption_lines(read_file(entry.caption_file, MAX_CAPTION_BYTES, "caption file"))
+                except (OSError, UnicodeDecodeError) as problem:
+                    error = _unreadable_caption(entry.caption_file, problem)
+            path = Path(entry.image)
+            yield Record(key=entry.key, name=entry.image, path=path, captions=captions, label=entry.label, error=error)
 
 
-def _caption_lines(data: bytes, name: str) -> tuple[str, ...]:
-    """One caption per non-blank line (whitespace stripped; a UTF-8 byte-order mark is dropped)."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{name}: caption file is not UTF-8 (byte {error.start}: {data[error.start : error.start + 1]!r}); "
-            "re-save it as UTF-8"
-        ) from None
+def _caption_lines(data: bytes) -> tuple[str, ...]:
+    """One caption per non-blank line (whitespace stripped; a UTF-8 byte-order mark is dropped); UnicodeDecodeError
+    for text that is not UTF-8."""
+    text = data.decode("utf-8-sig")
     return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _unreadable_caption(name: str, problem: Exception) -> str:
+    """The error of a sample whose caption cannot be read, warned about once; the loader skips and counts it."""
+    if isinstance(problem, UnicodeDecodeError):
+        found = problem.object[problem.start : problem.start + 1]
+        why = f"not UTF-8 (byte {problem.start}: {found!r}); re-save it as UTF-8"
+    else:
+        why = " ".join(str(getattr(problem, "strerror", None) or problem).split())
+    message = f"{name}: caption skipped with its image, {why}"
+    warn(message)
+    return message
 
 
 def _scan_folder(root: Path) -> Iterator[tuple[str, str, str | None]]:
@@ -189,24 +224,32 @@ def _folder_entries(root: Path, captions: str) -> list[_Entry]:
             raise ValueError(
                 f"{image}: no caption; expected a same-stem .txt file next to it (or pass captions='optional')"
             )
-        entries.append(_Entry(key, image, caption_file))
-    entries.sort()  # by key: keys are unique (checked next), so later fields never decide the order
-    _check_unique_keys(entries)
-    return entries
+        entries.append(_Entry(key, image, caption_file if captions != "none" else None))
+    entries.sort()  # by key, then image: the first of images sharing a key is kept, the same one every time
+    return _unique_keys(entries, root)
 
 
 def _strip_extension(relative_path: str) -> str:
     return posixpath.splitext(relative_path)[0]
 
 
-def _check_unique_keys(entries: list[_Entry]) -> None:
-    """Keys are file paths without extension; `a.jpg` and `a.png` in one folder would share a key and a caption."""
-    for previous, current in zip(entries, entries[1:]):
-        if previous.key == current.key:
-            raise ValueError(
-                f"{previous.image} and {current.image}: two images with the key {current.key!r} (captions are "
-                "matched by file name without extension); rename one"
-            )
+def _unique_keys(entries: list[_Entry], root: str | Path) -> list[_Entry]:
+    """Sorted entries without repeated keys. Keys are file paths without extension, so `a.jpg` and `a.png` in one
+    folder share a key (and a caption): the first is kept, the others skipped, counted in one warning."""
+    kept = [entries[0]] if entries else []
+    repeated = []
+    for entry in entries[1:]:
+        if entry.key == kept[-1].key:
+            repeated.append((kept[-1].image, entry.image))
+        else:
+            kept.append(entry)
+    if repeated:
+        first, second = repeated[0]
+        warn(
+            f"{root}: {len(repeated)} image(s) skipped for sharing a name without extension with another, e.g. "
+            f"{second} beside {first} (captions are matched by that name); rename them to use them all"
+        )
+    return kept
 
 
 def _no_images_message(path: Path) -> str:
@@ -222,9 +265,11 @@ def _no_images_message(path: Path) -> str:
 def _manifest_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, object]]]:
     """(line number, row) for each row of a .csv, .tsv or .jsonl file; `columns` must all be present."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = read_file(path, MAX_MANIFEST_BYTES, "manifest").decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: manifest is not UTF-8 (byte {error.start}); re-save it as UTF-8") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the manifest ({error.strerror or error})") from None
     if path.suffix.lower() == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -283,18 +328,30 @@ def _manifest_entries(path: Path, captions: str) -> list[_Entry]:
     columns = ("image", "caption") if captions == "required" else ("image",)
     images: dict[str, Path] = {}
     texts: dict[str, list[str]] = {}
+    repeated: list[str] = []
     for number, row in _manifest_rows(path, columns):
         key, image = _manifest_image(path, number, row.get("image"))
         if images.setdefault(key, image) != image:
-            raise ValueError(f"{path} line {number}: {image} and {images[key]} share the key {key!r}; rename one")
-        texts.setdefault(key, []).extend(_manifest_captions(path, number, row.get("caption")))
+            repeated.append(f"line {number}: {image} beside {images[key]}")
+            continue
+        if captions != "none":
+            texts.setdefault(key, []).extend(_manifest_captions(path, number, row.get("caption")))
+    _warn_repeated(path, repeated)
     if not images:
         raise ValueError(f"{path}: manifest lists no images")
     if captions == "required":
         for key, lines in texts.items():
             if not lines:
                 raise ValueError(f"{images[key]}: no caption in {path} (every image needs a non-empty 'caption')")
-    return [_Entry(key, str(images[key]), captions=tuple(texts[key])) for key in images]
+    return [_Entry(key, str(images[key]), captions=tuple(texts.get(key, ()))) for key in images]
+
+
+def _warn_repeated(path: Path, repeated: list[str]) -> None:
+    if repeated:
+        warn(
+            f"{path}: {len(repeated)} row(s) skipped for naming an image that shares a name without extension with "
+            f"an earlier one ({repeated[0]}); rename them to use them all"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- shards
@@ -303,7 +360,8 @@ def _manifest_entries(path: Path, captions: str) -> list[_Entry]:
 class ShardSource(Source):
     """WebDataset shards in the img2dataset layout (`key.jpg` + `key.txt`, optional `key.cls`); unit = one shard.
 
-    Shards are streamed, never seeked, and members are grouped by key in the order they come."""
+    Shards are streamed, never seeked, and members are grouped by key in the order they come. A member's size is
+    checked from its header before it is read; one above its cap is skipped (the stream moves past it in blocks)."""
 
     def __init__(self, path: str | Path, shards: list[Path], captions: str = "required"):
         super().__init__(path, sorted(str(shard) for shard in shards))
@@ -311,10 +369,14 @@ class ShardSource(Source):
 
     def records(self, unit: str) -> Iterator[Record]:
         """The shard's samples; when the shard is damaged, those before the damage and then one error Record.
-        Raises only for what the user must fix: a missing (when required) or non-UTF-8 caption."""
+        Never raises for its content: a sample whose caption is missing (when required) or unreadable, or whose
+        image is above the cap, is a Record with `error` set."""
         self._check_unit(unit)
         shard_stem = _shard_stem(unit)
-        group_key, members, count = None, {}, 0
+        group_key, members, names, count = None, {}, {}, 0  # names: extension -> the image member's own name
+        if not os.path.isfile(unit):  # a FIFO or device would block or never end
+            yield Record(key=f"{shard_stem}/#unreadable", name=unit, error=f"{unit}: not a regular file")
+            return
         try:
             with tarfile.open(unit, mode="r|*", tarinfo=_StrictTarInfo) as archive:
                 for member in archive:
@@ -324,18 +386,27 @@ class ShardSource(Source):
                     stem, _, extension = base.partition(".")  # key = member path up to the first "." of the name
                     key = posixpath.join(posixpath.dirname(member.name), stem)
                     if key != group_key:
-                        if group_key is not None and (record := self._record(unit, shard_stem, group_key, members)):
+                        done = group_key
+                        if done is not None and (record := self._record(unit, shard_stem, done, members, names)):
                             yield record
                             count += 1
-                        group_key, members = key, {}
+                        group_key, members, names = key, {}, {}
                     extension = "." + extension.lower()
-                    if extension in IMAGE_EXTENSIONS or extension in (".txt", ".cls"):
-                        members[extension] = archive.extractfile(member).read()
+                    if (
+                        extension in IMAGE_EXTENSIONS
+                        or extension == ".cls"
+                        or (extension == ".txt" and self.captions != "none")
+                    ):
+                        cap = MAX_IMAGE_BYTES if extension in IMAGE_EXTENSIONS else MAX_CAPTION_BYTES
+                        # an int stands for a member not read: its size, above the cap
+                        members[extension] = archive.extractfile(member).read() if member.size <= cap else member.size
+                        if extension in IMAGE_EXTENSIONS:
+                            names[extension] = member.name
         except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
             # Members read before the damage are whole (tarfile checks lengths), so the last group is usable when
             # it already has everything it needs; otherwise it is part of the loss.
             if group_key is not None and self._is_complete(members):
-                yield self._record(unit, shard_stem, group_key, members)
+                yield self._record(unit, shard_stem, group_key, members, names)
                 count += 1
             reason = " ".join(str(error).split()) or type(error).__name__
             yield Record(
@@ -344,28 +415,44 @@ class ShardSource(Source):
                 error=f"{unit}: damaged shard, {count} good sample(s) before the damage ({reason})",
             )
             return
-        if group_key is not None and (record := self._record(unit, shard_stem, group_key, members)):
+        if group_key is not None and (record := self._record(unit, shard_stem, group_key, members, names)):
             yield record
 
-    def _is_complete(self, members: dict[str, bytes]) -> bool:
+    def _is_complete(self, members: dict[str, bytes | int]) -> bool:
         has_image = any(extension in IMAGE_EXTENSIONS for extension in members)
-        return has_image and (".txt" in members or self.captions == "optional")
+        return has_image and (".txt" in members or self.captions != "required")
 
-    def _record(self, shard: str, shard_stem: str, key: str, members: dict[str, bytes]) -> Record | None:
+    def _record(
+        self, shard: str, shard_stem: str, key: str, members: dict[str, bytes | int], names: dict[str, str]
+    ) -> Record | None:
         """The group of members sharing `key` as a Record; None for a group without an image (metadata only)."""
         image_extension = next((extension for extension in IMAGE_EXTENSIONS if extension in members), None)
         if image_extension is None:
             return None
         name = f"{shard}:{key}{image_extension}"
-        if ".txt" not in members and self.captions == "required":
-            raise ValueError(
-                f"{name}: no caption; expected a {key}.txt member next to it in the shard (or pass captions='optional')"
-            )
-        captions = _caption_lines(members[".txt"], f"{shard}:{key}.txt") if ".txt" in members else ()
-        label = members[".cls"].decode("utf-8", errors="replace").strip() if ".cls" in members else None
+        image, caption_data, label_data = members[image_extension], members.get(".txt"), members.get(".cls")
+        captions, error = (), None
+        if isinstance(image, int):
+            error = f"{name}: image member of {image} bytes is above the limit of {MAX_IMAGE_BYTES}; skipped"
+            warn(error)
+        elif caption_data is None and self.captions == "required":
+            error = f"{name}: no caption (no {key}.txt member next to it in the shard); skipped"
+            warn(error)
+        elif caption_data is not None:
+            try:
+                if isinstance(caption_data, int):
+                    raise OSError(
+                        errno.EFBIG, f"caption of {caption_data} bytes is above the limit {MAX_CAPTION_BYTES}"
+                    )
+                captions = _caption_lines(caption_data)
+            except (OSError, UnicodeDecodeError) as problem:
+                error = _unreadable_caption(f"{shard}:{key}.txt", problem)
+        label = label_data.decode("utf-8", errors="replace").strip() if isinstance(label_data, bytes) else None
+        data = None if error is not None else image
         return Record(
-            key=f"{shard_stem}/{key}", name=name, data=members[image_extension], captions=captions, label=label
-        )
+            key=f"{shard_stem}/{key}", name=name, data=data, captions=captions, label=label, error=error, shard=shard,
+            member=names.get(image_extension),
+        )  # fmt: skip
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -506,8 +593,7 @@ def open_labelled(path: str | Path) -> Source:
                 f"{path}: no images found in class folders (looked for {', '.join(IMAGE_EXTENSIONS)} in DIR/LABEL/)"
             )
         entries.sort()
-        _check_unique_keys(entries)
-        return FileSource(path, entries)
+        return FileSource(path, _unique_keys(entries, location))
     if location.suffix.lower() not in MANIFEST_EXTENSIONS:
         raise ValueError(
             f"{path}: unknown labelled-data format; supported: a folder of class folders (DIR/LABEL/image) or a "
@@ -515,6 +601,7 @@ def open_labelled(path: str | Path) -> Source:
         )
     labels: dict[str, str] = {}
     images: dict[str, Path] = {}
+    repeated: list[str] = []
     for number, row in _manifest_rows(location, ("image", "label")):
         key, image = _manifest_image(location, number, row.get("image"))
         label = row.get("label")
@@ -522,11 +609,13 @@ def open_labelled(path: str | Path) -> Source:
             raise ValueError(f"{location} line {number}: empty or non-text label {label!r} for {image}")
         label = str(label).strip()
         if images.setdefault(key, image) != image:
-            raise ValueError(f"{location} line {number}: {image} and {images[key]} share the key {key!r}; rename one")
+            repeated.append(f"line {number}: {image} beside {images[key]}")
+            continue
         if labels.setdefault(key, label) != label:
             raise ValueError(f"{location} line {number}: {image} has two labels, {labels[key]!r} and {label!r}")
     if not images:
         raise ValueError(f"{location}: manifest lists no images")
+    _warn_repeated(location, repeated)
     return FileSource(path, [_Entry(key, str(images[key]), label=labels[key]) for key in images])
 
 

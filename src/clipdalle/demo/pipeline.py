@@ -43,7 +43,7 @@ from ..data.icons import PALETTE, build_icons, common_icons, dominant_colour, fa
 from ..data.loader import SampleStream, make_loader
 from ..data.sources import open_source
 from ..index import build_index
-from ..io import read_json, write_json
+from ..io import LOCK_FILE, DirectoryLock, read_json, write_json
 from ..models.dvae import perplexity, psnr
 from ..runtime import resolve_device
 from ..training.codes import build_code_cache, cache_is_current
@@ -377,22 +377,27 @@ STAGES = [
 # ------------------------------------------------------------------------------------------ the driver
 
 
-def prepare_out(out: Path, fresh: bool) -> None:
-    """Creates OUT with the pipeline's MARKER; with `fresh`, first removes an OUT the pipeline made, and refuses to
-    touch a non-empty folder it did not make."""
-    if fresh and out.exists():
-        if not (out / MARKER).is_file():
-            raise ValueError(
-                f"{out}: --fresh removes only a folder the pipeline made (one holding {MARKER}), and the pipeline did "
-                "not make this one: nothing was deleted; choose a new --out or empty it yourself"
-            )
-        shutil.rmtree(out)
+def prepare_out(out: Path, fresh: bool) -> DirectoryLock:
+    """Creates OUT with the pipeline's MARKER and returns its lock, held (one pipeline per OUT); with `fresh`, first
+    empties an OUT the pipeline made, and refuses to touch a non-empty folder it did not make."""
+    if fresh and out.exists() and not (out / MARKER).is_file():
+        raise ValueError(
+            f"{out}: --fresh removes only a folder the pipeline made (one holding {MARKER}), and the pipeline did "
+            "not make this one: nothing was deleted; choose a new --out or empty it yourself"
+        )
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise ValueError(
             f"{out}: is a folder the pipeline did not make and it is not empty; choose a new or empty --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(out, "run a pipeline").acquire()  # before deleting: another pipeline may be using OUT
+    if fresh:
+        for entry in out.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.name != LOCK_FILE:
+                entry.unlink()
     (out / MARKER).write_text("made by clipdalle pipeline; `--fresh` may delete this folder\n")
+    return lock
 
 
 def checked_preset(preset: str) -> tuple[dict[str, Any], dict[str, tuple[Any, TrainConfig]]]:
@@ -431,8 +436,13 @@ def run_pipeline(preset: str, out: str | Path, *, fresh: bool = False, data_dir:
     """Runs every stage of a pipeline preset into `out` and returns the path of its summary (OUT/summary.json)."""
     out = Path(out)
     checked_preset(preset)  # a preset that cannot run here fails before anything is touched
-    prepare_out(out, fresh)
-    state = open_state(preset, out, Path(data_dir))
+    with prepare_out(out, fresh):
+        return run_stages(preset, out, Path(data_dir))
+
+
+def run_stages(preset: str, out: Path, data_dir: Path) -> Path:
+    """The stages of `run_pipeline` in a prepared OUT: those not yet done, and those whose inputs changed."""
+    state = open_state(preset, out, data_dir)
     expected = {name: float(seconds) for name, seconds in state.spec.get("expected_s", {}).items()}
     measured: dict[str, float] = {}
     started = time.perf_counter()
@@ -515,7 +525,7 @@ def evaluate_tokenizer_on_icons(vae_dir: Path, data: Path, image_size: int, batc
     model = checkpoint.load_model(vae_dir, expect="dvae")
     colours = list(PALETTE)
     stream = SampleStream(
-        open_source(data / "val", captions="optional"),
+        open_source(data / "val", captions="none"),
         image_size=image_size,
         batch_size=batch_size,
         shuffle=False,

@@ -15,6 +15,7 @@ from .store import (
     index_info,
     model_sha256,
     moderate,
+    read_image,
     remove_from_index,
     search,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "moderate",
     "parse_concepts",
     "read_concepts",
+    "read_image",
     "remove_from_index",
     "search",
 ]

@@ -1,8 +1,9 @@
 """The embedding store: a collection embedded once by CLIP, then searched by text or image and moderated.
 
     INDEX/info.json      the CLIP run (path relative to INDEX) and its weights' sha256, counts, index type, recall
-    INDEX/meta.sqlite    table `images`: id, key, path (or shard:member), caption, width, height, sha256, added,
-                         embedding (float16 bytes); one row per distinct image (same sha256 = stored once)
+    INDEX/meta.sqlite    table `images`: id, key, path (absolute; "SHARD:MEMBER" for a shard's member, with the
+                         member's own name), caption, width, height, sha256, added, embedding (float16 bytes);
+                         one row per distinct image (same sha256 = stored once); `read_image` reads it back
     INDEX/faiss.index    inner-product search over the embeddings, keyed by the SQLite id
     INDEX/chunks/        while building: rNNN-NNNNNN.npy float16 embeddings + .json metadata rows, one pair per
                          `chunk_size` samples of a rank's stream; removed once merged
@@ -21,11 +22,14 @@ search, measured on a sample of the stored vectors, reaches `target_recall`.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
+import tarfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,13 +39,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import WEIGHTS_FILE
 from ..data.loader import SampleStream, make_loader
 from ..data.sources import Record, open_source
-from ..io import atomic_write, file_sha256, read_json, write_json
-from ..pretrained import load
+from ..io import DirectoryLock, atomic_write, file_sha256, read_file, read_json, write_json
+from ..pretrained import load, weights_file
 from ..runtime import barrier, device_of, distributed_context, init_distributed
-from ..transforms import BadImage, load_image, resize_crop
+from ..transforms import MAX_IMAGE_BYTES, BadImage, load_image, resize_crop
 from ..zero_shot import encode_texts
 from . import moderation
 from .faiss_index import EXACT_LIMIT, MEMORY_BUDGET_MB, TARGET_RECALL, build_faiss, write_faiss
@@ -88,13 +91,57 @@ class _IndexStream(SampleStream):
             pixels.append(np.asarray(resize_crop(image, self.image_size)))  # (H, W, 3) uint8, RGB
             batch["keys"].append(record.key)
             batch["captions"].append("\n".join(record.captions))
-            batch["paths"].append(os.path.abspath(record.path) if record.path is not None else record.name)
+            batch["paths"].append(image_location(record))
             batch["widths"].append(image.width)
             batch["heights"].append(image.height)
             batch["sha256s"].append(hashlib.sha256(data).hexdigest())
         batch["images"] = pixels_to_images(pixels, self.image_size)
         batch["skipped"] = skipped
         return batch
+
+
+def image_location(record: Record) -> str:
+    """Where an indexed image is read back from: its absolute file path, or "ABSOLUTE_SHARD:MEMBER"."""
+    if record.path is not None:
+        return os.path.abspath(record.path)
+    if record.shard is not None and record.member is not None:
+        return f"{os.path.abspath(record.shard)}:{record.member}"
+    return record.name
+
+
+_SHARD_MEMBER = re.compile(r"\.(?:tar|tar\.gz|tgz):", re.IGNORECASE)
+
+
+def read_image(location: str, data: Iterable[str] = ()) -> bytes:
+    """The bytes of an indexed image from its stored `path`: a file, or a member of a .tar/.tar.gz/.tgz shard
+    ("SHARD:MEMBER"). Indexes built before shard paths were stored absolute hold them relative to where the build
+    ran: such a shard is looked for beside the index's `data` paths; a member stored with a lower-cased extension
+    is matched in any letter case. FileNotFoundError when it is gone; OSError when it is not a regular file or is
+    above MAX_IMAGE_BYTES."""
+    if os.path.isfile(location):
+        return read_file(location, MAX_IMAGE_BYTES, "image file")
+    for match in reversed(list(_SHARD_MEMBER.finditer(location))):
+        shard, member = location[: match.end() - 1], location[match.end() :]
+        for candidate in [shard, *(_beside(root, shard) for root in data if not os.path.isabs(shard))]:
+            if os.path.isfile(candidate):
+                return _read_member(candidate, member)
+    raise FileNotFoundError(location)
+
+
+def _beside(root: str, shard: str) -> str:
+    folder = root if os.path.isdir(root) else os.path.dirname(root)  # a folder of shards, a shard or a pattern
+    return os.path.join(folder, os.path.basename(shard))
+
+
+def _read_member(shard: str, member: str) -> bytes:
+    """One member of a shard, streamed up to it (a .tar.gz is never decompressed past it), size checked first."""
+    with tarfile.open(shard, mode="r|*") as archive:
+        for info in archive:
+            if info.isfile() and (info.name == member or info.name.lower() == member.lower()):
+                if info.size > MAX_IMAGE_BYTES:
+                    raise OSError(errno.EFBIG, f"member of {info.size} bytes is above {MAX_IMAGE_BYTES}", member)
+                return archive.extractfile(info).read()
+    raise FileNotFoundError(f"{shard}: no member {member}")
 
 
 def pixels_to_images(pixels: list[np.ndarray], image_size: int) -> torch.Tensor:
@@ -261,20 +308,8 @@ def _read_embeddings(connection: sqlite3.Connection) -> tuple[np.ndarray, np.nda
 
 
 def model_sha256(clip_run: str | Path) -> str:
-    """sha256 of a CLIP's weights: RUN/model.safetensors for a run directory, else the weights file itself."""
-    path = Path(clip_run)
-    if path.is_dir():
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            candidates = sorted(file for file in path.iterdir() if file.suffix in (".safetensors", ".bin", ".pt"))
-            if not candidates:
-                raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} (nor .safetensors/.bin/.pt weights) in it")
-            weights = candidates[0]
-    elif path.is_file():
-        weights = path
-    else:
-        raise FileNotFoundError(f"{path}: no such CLIP run or weights file")
-    return file_sha256(weights)
+    """sha256 of the weights file `pretrained.load(clip_run)` reads (`pretrained.weights_file`)."""
+    return file_sha256(weights_file(clip_run))
 
 
 def _load_clip(clip_run: str | Path, device: str) -> tuple[Any, Any]:
@@ -320,12 +355,36 @@ def build_index(
 ) -> dict:
     """Embeds every image of `data` (any dataset format, captions optional) with the CLIP at `clip_run` into a
     new index at `out`, and returns its `index_info`. Resumes a killed build; under torchrun every rank embeds
-    its share and rank 0 merges (other ranks return {})."""
+    its share and rank 0 merges (other ranks return {}). One build per `out` at a time: rank 0 holds OUT/.lock,
+    and a second build gets a one-line error."""
     out = Path(out)
     if (out / INFO_FILE).exists():
         raise ValueError(f"{out}: already holds an index; use add_to_index to append, or choose a new --out")
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be at least 1, got {batch_size} and {chunk_size}")
+    options = dict(batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size)
+    limits = dict(exact_limit=exact_limit, memory_budget_mb=memory_budget_mb, target_recall=target_recall)
+    if distributed_context()[0] != 0:
+        return _build_index(clip_run, data, out, **options, **limits)
+    with DirectoryLock(out, "build an index"):
+        if (out / INFO_FILE).exists():  # another build finished while this one waited to start
+            raise ValueError(f"{out}: already holds an index; use add_to_index to append, or choose a new --out")
+        return _build_index(clip_run, data, out, **options, **limits)
+
+
+def _build_index(
+    clip_run: str | Path,
+    data: str | Path,
+    out: Path,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    chunk_size: int,
+    exact_limit: int,
+    memory_budget_mb: float,
+    target_recall: float,
+) -> dict:
     rank, world_size, _ = distributed_context()
     init_distributed(torch.device(device))
     source = open_source(data, captions="optional")
@@ -569,7 +628,11 @@ class Index:
     def add(self, data: str | Path, *, batch_size: int = 256, num_workers: int = 1) -> dict:
         """Embeds `data` and appends its images (duplicates of stored images are skipped) without rebuilding:
         new vectors go into the existing faiss index, which is rebuilt only when it outgrows exact search.
-        Resumable like a build. Returns {"added", "duplicates", "skipped"}."""
+        Resumable like a build. One writer at a time (INDEX/.lock). Returns {"added", "duplicates", "skipped"}."""
+        with DirectoryLock(self.path, "change this index"):
+            return self._add(data, batch_size=batch_size, num_workers=num_workers)
+
+    def _add(self, data: str | Path, *, batch_size: int, num_workers: int) -> dict:
         source = open_source(data, captions="optional")
         chunk_dir = self.path / CHUNKS_DIR
         chunk_dir.mkdir(exist_ok=True)
@@ -617,7 +680,7 @@ class Index:
         """Drops the given image ids from the metadata and the faiss index; an unknown id is a ValueError
         (nothing is removed then). Returns how many were removed."""
         ids = sorted({int(i) for i in ids})
-        with self.lock:
+        with DirectoryLock(self.path, "change this index"), self.lock:
             unknown = sorted(set(ids) - set(self.rows(ids)))
             if unknown:
                 shown = ", ".join(str(i) for i in unknown[:10]) + (" ..." if len(unknown) > 10 else "")

@@ -6,7 +6,7 @@
 Needs the `serve` extra (fastapi, uvicorn, python-multipart); nothing outside this package imports FastAPI.
 """
 
-from .app import create_app
+from .app import create_app, uvicorn_options
 from .models import ServeModels, ServeSettings, load_models
 
-__all__ = ["ServeModels", "ServeSettings", "create_app", "load_models"]
+__all__ = ["ServeModels", "ServeSettings", "create_app", "load_models", "uvicorn_options"]

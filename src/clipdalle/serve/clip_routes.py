@@ -6,7 +6,6 @@ from typing import Annotated
 
 import torch
 from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from ..index import moderation
@@ -45,7 +44,7 @@ def clip_router(context: ServeContext) -> APIRouter:
             order = probs.argsort(descending=True, stable=True).tolist()
             return [{"label": names[i], "probability": float(probs[i]), "score": float(scores[i])} for i in order]
 
-        return {"results": await run_in_threadpool(work)}
+        return {"results": await context.work.run(work)}
 
     @router.post("/moderate", response_model=Moderation, summary="does an image match any of the given concepts")
     async def moderate(
@@ -70,6 +69,6 @@ def clip_router(context: ServeContext) -> APIRouter:
             ]
             return {"flagged": bool(flags.any()), "concepts": results}
 
-        return await run_in_threadpool(work)
+        return await context.work.run(work)
 
     return router

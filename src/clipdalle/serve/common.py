@@ -52,8 +52,8 @@ def error_content(path: str, status: int, message: str, param: str | None = None
     return {"detail": message}
 
 
-def error_bytes(path: str, status: int, message: str) -> bytes:
-    return json.dumps(error_content(path, status, message)).encode()
+def error_bytes(path: str, status: int, message: str, code: str | None = None) -> bytes:
+    return json.dumps(error_content(path, status, message, code=code)).encode()
 
 
 def field_of(location: tuple | list) -> str | None:
@@ -77,19 +77,20 @@ def api_key_check(api_key: str | None) -> Any:
         if api_key is None:
             return
         given = credentials.credentials if credentials is not None else None
-        if given is None:
-            raise ApiError(
-                401,
-                "this server needs an API key: send the header 'Authorization: Bearer KEY'",
-                code="missing_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise ApiError(
-                401, "the API key is not valid", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-            )
+        problem = key_problem(api_key, given)
+        if problem is not None:
+            raise ApiError(401, problem[1], code=problem[0], headers={"WWW-Authenticate": "Bearer"})
 
     return check
+
+
+def key_problem(api_key: str, given: str | None) -> tuple[str, str] | None:
+    """(code, message) when the bearer token `given` is missing or is not `api_key`; None when it is."""
+    if given is None:
+        return "missing_api_key", "this server needs an API key: send the header 'Authorization: Bearer KEY'"
+    if not secrets.compare_digest(given.encode(), api_key.encode()):
+        return "invalid_api_key", "the API key is not valid"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ images

@@ -1,5 +1,6 @@
-"""What every route of one server shares: the loaded models, the settings, the generation queue, the label-feature
-cache, and the checks a request goes through before any work (each a 4xx naming the field)."""
+"""What every route of one server shares: the loaded models, the settings, the generation queue, the limiter of
+image work, the label-feature cache, and the checks a request goes through before any work (each a 4xx naming the
+field)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 from ..index import parse_concepts
 from ..zero_shot import LabelFeatureCache, check_templates, parse_labels
 from .common import ApiError, decode_upload
-from .limits import GenerationQueue, read_upload
+from .limits import GenerationQueue, WorkLimiter, read_upload
 from .models import ServeModels, ServeSettings
 
 DEFAULT_KEEP = 4  # /api/generate and /api/inpaint return this many samples unless told otherwise
@@ -25,6 +26,7 @@ class ServeContext:
     models: ServeModels
     settings: ServeSettings
     queue: GenerationQueue
+    work: WorkLimiter  # decoding, encoding and CLIP jobs: `await context.work.run(job)`
     label_features: LabelFeatureCache | None = field(init=False)  # the CLIP's label features, per label set
 
     def __post_init__(self) -> None:

@@ -1,12 +1,13 @@
-"""/api/generate and /api/inpaint: DALL·E samples for the page, best first, through the bounded generation queue."""
+"""/api/generate and /api/inpaint: DALL·E samples for the page, best first, through the bounded generation queue;
+a request whose client leaves is dropped from the queue or stopped between sampling steps."""
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 
 from ..sampling import generate, inpaint, parse_box
 from ..transforms import load_image
@@ -72,23 +73,25 @@ def generation_router(context: ServeContext) -> APIRouter:
         return {"query": query, "suggestions": [] if models.prompts is None else models.prompts.suggest(query, k)}
 
     @router.post("/generate", response_model=Generated, summary="text -> images, best first (CLIP-reranked)")
-    async def generate_images(request: GenerateRequest) -> dict:
+    async def generate_images(body: GenerateRequest, request: Request) -> dict:
         context.need_dalle()
-        prompt = context.check_text("prompt", request.prompt, allow_empty=True)
-        keep = context.check_samples(request.n, request.keep)
-        context.check_seed(request.seed)
+        prompt = context.check_text("prompt", body.prompt, allow_empty=True)
+        keep = context.check_samples(body.n, body.keep)
+        context.check_seed(body.seed)
+        stop = threading.Event()
 
         def job() -> dict:
             generation = generate(
-                models.dalle, models.vae, models.tokenizer, [prompt], n=request.n, keep=keep, clip=models.clip,
-                seed=request.seed,
+                models.dalle, models.vae, models.tokenizer, [prompt], n=body.n, keep=keep, clip=models.clip,
+                seed=body.seed, should_stop=stop.is_set,
             )  # fmt: skip
             return generated(generation, prompt)
 
-        return await context.queue.run(job)
+        return await context.queue.run(job, client_gone=request.is_disconnected, stop=stop)
 
     @router.post("/inpaint", response_model=Generated, summary="regenerate a box of an uploaded image")
     async def inpaint_box(
+        request: Request,
         image: Annotated[UploadFile, File(description="the image")],
         prompt: str = Form(..., description="what the whole image should show"),
         box: str = Form(..., description="x0,y0,x1,y1 in pixels of the uploaded image, end exclusive"),
@@ -110,14 +113,16 @@ def generation_router(context: ServeContext) -> APIRouter:
             mapped = box_in_model_pixels(region, picture.width, picture.height, size)
             return mapped, load_image(picture, size)  # (3, size, size)
 
-        mapped, pixels = await run_in_threadpool(prepare)
+        mapped, pixels = await context.work.run(prepare)
+        stop = threading.Event()
 
         def job() -> dict:
             generation = inpaint(
-                models.dalle, models.vae, models.tokenizer, pixels, mapped, prompt, n=n, keep=keep, clip=models.clip
-            )
+                models.dalle, models.vae, models.tokenizer, pixels, mapped, prompt, n=n, keep=keep, clip=models.clip,
+                should_stop=stop.is_set,
+            )  # fmt: skip
             return generated(generation, prompt)
 
-        return await context.queue.run(job)
+        return await context.queue.run(job, client_gone=request.is_disconnected, stop=stop)
 
     return router

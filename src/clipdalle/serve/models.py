@@ -8,6 +8,7 @@ app = create_app(models, ServeSettings(api_key="..."))
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,16 @@ from typing import Any
 MIB = 1 << 20
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 @dataclass
 class ServeSettings:
     api_key: str | None = None  # bearer token required on every route but the page, its assets and the docs
     cors_origins: list[str] = field(default_factory=list)  # origins allowed to call the API from a browser
+    # Host names a request may name (its Host header): a page elsewhere can rebind its own name to 127.0.0.1 and
+    # read a local server's API, but its requests then carry that name. "*" accepts any (not advised).
+    allowed_hosts: list[str] = field(default_factory=lambda: list(LOCAL_HOSTS))
     rerank: int = 4  # OpenAI routes: each image is the best of this many candidates by CLIP (when CLIP is loaded)
     max_queue: int = 8  # generation requests admitted at once (the running one included); more get 503
     max_upload_bytes: int = 16 * MIB  # per uploaded file; a 16 MB PNG is already a 4000 x 4000 photo
@@ -30,8 +37,19 @@ class ServeSettings:
     max_labels: int = 100  # zero-shot labels or moderation concepts per request
     url_seconds: int = 3600  # life of an OpenAI `response_format=url` image, as OpenAI's own urls
     max_stored_images: int = 1000  # images kept for urls at once; the oldest go first beyond it
+    max_stored_bytes: int = 256 * MIB  # and at most this many bytes of them (a 1024 x 1024 PNG is up to 3 MB)
     thumbnail_size: int = 256  # longest side of /api/images/ID?size=thumb in pixels
+    thumbnail_dir: str | None = None  # thumbnails made once and kept here (default: INDEX/thumbnails)
+    image_workers: int = 0  # image decoding/encoding and CLIP jobs run at once (0: one per core); more wait
+    max_waiting_work: int = 16  # requests waiting for those at once (a page loads 6 thumbnails at once); more get 503
+    max_connections: int = 128  # open connections and requests at once (uvicorn's limit_concurrency); more get 503
+    keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this long
+    body_timeout_seconds: float = 30.0  # a request body that stalls this long gets 408 (slow uploads hold a slot)
     device: str = "cpu"  # where the models run
+
+    @property
+    def work_slots(self) -> int:
+        return self.image_workers if self.image_workers > 0 else max(1, os.cpu_count() or 1)
 
     @property
     def max_request_bytes(self) -> int:

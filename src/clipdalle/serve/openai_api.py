@@ -9,7 +9,8 @@ POST /v1/images/generations, /v1/images/edits (image + mask PNG whose transparen
 output is resized to `size`; its native size is in the `native_size` field and the X-Native-Size header. With a
 CLIP loaded, each generated image is the best of `rerank` candidates (edits: the best n of n x rerank). Unknown
 fields are ignored as OpenAI does; invalid ones get OpenAI's error JSON with status 400. `url` images are kept
-in memory and served without the API key (the url is the secret) for `url_seconds`.
+in memory (at most `max_stored_images` and `max_stored_bytes`) and served without the API key (the url is the
+secret) for `url_seconds`. A generation whose client leaves is cancelled.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,7 @@ from ..sampling import generate, inpaint, mask_from_image, variations
 from ..transforms import load_image
 from .common import ApiError, api_key_check, png_bytes
 from .context import ServeContext
+from .schemas import ERROR_STATUSES, error_responses
 
 SIZES = {"256x256": 256, "512x512": 512, "1024x1024": 1024}  # DALL·E 2's sizes; "auto" = the model's own
 DEFAULT_SIZE = "1024x1024"  # OpenAI's default
@@ -65,14 +66,33 @@ class ImagesResponse(BaseModel):
     native_size: str = Field(description="the model's own output size, before resizing to `size`")
 
 
-class ImageStore:
-    """PNG bytes behind unguessable tokens, each for `seconds`; at most `capacity` at once (oldest out first)."""
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
 
-    def __init__(self, seconds: int, capacity: int, clock: Callable[[], float] = time.monotonic):
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+OPENAI_ERRORS = {status: text for status, text in ERROR_STATUSES.items() if status != 422}  # invalid fields: 400
+
+
+class ImageStore:
+    """PNG bytes behind unguessable tokens, each for `seconds`; at most `capacity` images and `max_bytes` bytes at
+    once (oldest out first; the newest image always stays)."""
+
+    def __init__(
+        self, seconds: int, capacity: int, max_bytes: int = 256 << 20, clock: Callable[[], float] = time.monotonic
+    ):
         self.seconds = seconds
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.clock = clock  # seconds, monotonic
         self.images: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # token -> (png, expiry time)
+        self.bytes = 0  # of the images held
         self.lock = threading.Lock()
 
     def put(self, png: bytes) -> str:
@@ -80,8 +100,9 @@ class ImageStore:
         with self.lock:
             self._expire()
             self.images[token] = (png, self.clock() + self.seconds)
-            while len(self.images) > self.capacity:
-                self.images.popitem(last=False)
+            self.bytes += len(png)
+            while len(self.images) > 1 and (len(self.images) > self.capacity or self.bytes > self.max_bytes):
+                self._drop_oldest()
         return token
 
     def get(self, token: str) -> tuple[bytes, float] | None:
@@ -94,7 +115,11 @@ class ImageStore:
     def _expire(self) -> None:
         now = self.clock()
         while self.images and next(iter(self.images.values()))[1] <= now:
-            self.images.popitem(last=False)
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, (png, _) = self.images.popitem(last=False)
+        self.bytes -= len(png)
 
 
 def check_options(n: int | None, size: str | None, response_format: str | None) -> tuple[int, str, str]:
@@ -131,10 +156,11 @@ def transparent_as_white(alpha: Image.Image) -> Image.Image:
 
 
 def openai_router(context: ServeContext) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    errors = error_responses(ErrorResponse, OPENAI_ERRORS)
+    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=errors)
     models, settings, queue = context.models, context.settings, context.queue
     authorised = [Depends(api_key_check(settings.api_key))]
-    store = ImageStore(settings.url_seconds, settings.max_stored_images)
+    store = ImageStore(settings.url_seconds, settings.max_stored_images, settings.max_stored_bytes)
 
     def need_dalle(model: str | None) -> None:
         if models.dalle is None:
@@ -188,15 +214,17 @@ def openai_router(context: ServeContext) -> APIRouter:
             raise ApiError(400, "stream: streaming is not supported; images come whole", param="stream")
         need_dalle(body.model)
         candidates = settings.rerank if models.clip is not None else 1
+        stop = threading.Event()
 
         def job() -> Any:
             # Each image is the best of `candidates` samples of its own: n prompts, `candidates` samples each.
             return generate(
-                models.dalle, models.vae, models.tokenizer, [prompt] * n, n=candidates, keep=1, clip=models.clip
-            ).images
+                models.dalle, models.vae, models.tokenizer, [prompt] * n, n=candidates, keep=1, clip=models.clip,
+                should_stop=stop.is_set,
+            ).images  # fmt: skip
 
-        images = await queue.run(job)
-        return await run_in_threadpool(respond, request, images, size, response_format, body.model)
+        images = await queue.run(job, client_gone=request.is_disconnected, stop=stop)
+        return await context.work.run(lambda: respond(request, images, size, response_format, body.model))
 
     @router.post("/images/edits", dependencies=authorised, response_model=ImagesResponse)
     async def edits(
@@ -244,17 +272,18 @@ def openai_router(context: ServeContext) -> APIRouter:
                 raise ApiError(400, "mask: has no transparent area, so there is nothing to regenerate", param="mask")
             return load_image(picture, side), region
 
-        pixels, region = await run_in_threadpool(prepare)
+        pixels, region = await context.work.run(prepare)
         candidates = settings.rerank if models.clip is not None else 1
+        stop = threading.Event()
 
         def job() -> Any:
             return inpaint(
                 models.dalle, models.vae, models.tokenizer, pixels, region, prompt, n=n * candidates, keep=n,
-                clip=models.clip,
+                clip=models.clip, should_stop=stop.is_set,
             ).images  # fmt: skip
 
-        results = await queue.run(job)
-        return await run_in_threadpool(respond, request, results, size, response_format, model)
+        results = await queue.run(job, client_gone=request.is_disconnected, stop=stop)
+        return await context.work.run(lambda: respond(request, results, size, response_format, model))
 
     @router.post("/images/variations", dependencies=authorised, response_model=ImagesResponse)
     async def image_variations(
@@ -272,14 +301,17 @@ def openai_router(context: ServeContext) -> APIRouter:
         def prepare() -> Any:
             return load_image(context.decode(image_data, "image", param="image"), models.image_size)  # (3, S, S)
 
-        pixels = await run_in_threadpool(prepare)
+        pixels = await context.work.run(prepare)
+        stop = threading.Event()
 
         def job() -> Any:
             # No prompt: the lower half of the code grid is resampled unconditionally (the empty caption).
-            return variations(models.dalle, models.vae, models.tokenizer, pixels, "", n=n).images
+            return variations(
+                models.dalle, models.vae, models.tokenizer, pixels, "", n=n, should_stop=stop.is_set
+            ).images
 
-        results = await queue.run(job)
-        return await run_in_threadpool(respond, request, results, size, response_format, model)
+        results = await queue.run(job, client_gone=request.is_disconnected, stop=stop)
+        return await context.work.run(lambda: respond(request, results, size, response_format, model))
 
     @router.get(
         "/images/files/{name}",

@@ -5,6 +5,26 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, StrictInt
 
 
+class ErrorDetail(BaseModel):
+    detail: str = Field(description="what was wrong, on one line")
+
+
+ERROR_STATUSES = {
+    400: "the request is malformed, or an upload is not a usable image, or the Host is not one the server answers",
+    401: "the API key is missing or wrong (the server was started with --api-key)",
+    404: "no such image, or a model the server did not load",
+    408: "the request body stalled",
+    413: "the request or an upload is larger than the server's limits",
+    422: "a field is missing or out of range",
+    503: "busy (see Retry-After), or the model for this route is not loaded",
+}
+
+
+def error_responses(model: type, statuses: dict[int, str] = ERROR_STATUSES) -> dict[int, dict]:
+    """OpenAPI `responses` for the error statuses a route family answers, each with that family's error body."""
+    return {status: {"model": model, "description": description} for status, description in statuses.items()}
+
+
 class Limits(BaseModel):
     max_upload_bytes: int
     max_n: int

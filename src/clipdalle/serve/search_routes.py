@@ -1,9 +1,12 @@
-"""/api/info, /api/search, /api/similar and /api/images: what the page's search view calls."""
+"""/api/info, /api/search, /api/similar and /api/images: what the page's search view calls.
+
+Thumbnails are made once per image and kept on disk (INDEX/thumbnails/ID-SHA256.png, or --thumbnail-dir), the most
+recent few hundred in memory as well; searches, decoding and thumbnailing go through the server's WorkLimiter.
+"""
 
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import threading
 from collections import OrderedDict
@@ -16,12 +19,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from PIL import Image
 
+from ..index import read_image
+from ..io import atomic_write, read_file
 from ..transforms import MAX_IMAGE_PIXELS
 from .common import ApiError, decode_upload, png_bytes
 from .context import ServeContext
 from .schemas import Info, SearchResults
 
 THUMBNAIL_CACHE_SIZE = 512  # thumbnails kept in memory (256 px PNGs: a few MB)
+MAX_THUMBNAIL_BYTES = 8 << 20  # a cached thumbnail file larger than this is not one of ours: made again
 MAX_ID = 2**63 - 1  # SQLite INTEGER: larger ids cannot exist and would overflow the query
 
 
@@ -30,24 +36,53 @@ def first_caption(caption: str | None) -> str | None:
     return line or None
 
 
-def read_indexed_image(path: str) -> bytes:
-    """The stored bytes of an indexed image: a file, or a WebDataset member written as "SHARD.tar:MEMBER"."""
-    if os.path.isfile(path):
-        return Path(path).read_bytes()
-    shard, separator, member = path.rpartition(".tar:")
-    if separator and os.path.isfile(shard + ".tar"):
-        with tarfile.open(shard + ".tar") as archive:
-            handle = archive.extractfile(member)
-            if handle is not None:
-                return handle.read()
-    raise FileNotFoundError(path)
+class ThumbnailCache:
+    """PNG thumbnails by (id, sha256): in memory (the most recent THUMBNAIL_CACHE_SIZE) and as files in `folder`.
+    A folder that cannot be written (a read-only index) leaves the memory cache alone."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.memory: OrderedDict[str, bytes] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def name(self, row: dict, size: int) -> str:
+        return f"{int(row['id'])}-{row['sha256'][:32]}-{size}.png"
+
+    def get(self, name: str) -> bytes | None:
+        with self.lock:
+            found = self.memory.get(name)
+            if found is not None:
+                self.memory.move_to_end(name)
+                return found
+        if self.folder is None:
+            return None
+        try:
+            found = read_file(self.folder / name, MAX_THUMBNAIL_BYTES, "thumbnail")
+        except OSError:
+            return None
+        self._remember(name, found)
+        return found
+
+    def put(self, name: str, png: bytes) -> None:
+        self._remember(name, png)
+        if self.folder is not None:
+            try:
+                atomic_write(self.folder / name, lambda temporary: temporary.write_bytes(png))
+            except OSError:
+                pass  # not writable: thumbnails are made again after a restart
+
+    def _remember(self, name: str, png: bytes) -> None:
+        with self.lock:
+            self.memory[name] = png
+            while len(self.memory) > THUMBNAIL_CACHE_SIZE:
+                self.memory.popitem(last=False)
 
 
 def search_router(context: ServeContext) -> APIRouter:
     router = APIRouter()
     models, settings = context.models, context.settings
-    thumbnails: OrderedDict[int, bytes] = OrderedDict()
-    thumbnails_lock = threading.Lock()
+    folder = settings.thumbnail_dir or (models.index.path / "thumbnails" if models.index is not None else None)
+    thumbnails = ThumbnailCache(Path(folder) if folder is not None else None)
 
     def items(hits: list[dict]) -> list[dict]:
         index = context.need_index()
@@ -91,7 +126,7 @@ def search_router(context: ServeContext) -> APIRouter:
         }
 
     @router.get("/search", response_model=SearchResults, summary="text -> image search")
-    def search(
+    async def search(
         q: str = Query(..., description="what to look for, e.g. 'a red circle'"),
         k: int = Query(20, ge=1, description="results"),
         min_score: float | None = Query(None, ge=-1, le=1, description="drop results below this cosine"),
@@ -99,7 +134,8 @@ def search_router(context: ServeContext) -> APIRouter:
         index = context.need_index()
         context.check_k(k)
         query = context.check_text("q", q)
-        return {"query": query, "results": items(index.search(text=query, k=k, min_score=min_score))}
+        results = await context.work.run(lambda: items(index.search(text=query, k=k, min_score=min_score)))
+        return {"query": query, "results": results}
 
     @router.post("/similar", response_model=SearchResults, summary="image -> image search with an uploaded image")
     async def similar_upload(
@@ -115,29 +151,33 @@ def search_router(context: ServeContext) -> APIRouter:
             picture = context.decode(data, name)
             return items(index.search_features(index.encode_images([picture]), k=k, min_score=min_score)[0])
 
-        return {"query": name, "results": await run_in_threadpool(work)}
+        return {"query": name, "results": await context.work.run(work)}
 
     @router.get("/similar/{image_id}", response_model=SearchResults, summary="images similar to an indexed one")
-    def similar_indexed(
+    async def similar_indexed(
         image_id: int = PathParameter(ge=0, le=MAX_ID),
         k: int = Query(20, ge=1),
         min_score: float | None = Query(None, ge=-1, le=1),
     ):
         index = context.need_index()
         context.check_k(k)
-        with index.lock:  # one SQLite connection serves every thread
-            if image_id not in index.rows([image_id]):
-                raise ApiError(404, f"no image with id {image_id} in the index")
-            hits = index.similar(image_id, k=k, min_score=min_score)
-        return {"query": f"#{image_id}", "results": items(hits)}
+
+        def work() -> list[dict]:
+            with index.lock:  # one SQLite connection serves every thread
+                if image_id not in index.rows([image_id]):
+                    raise ApiError(404, f"no image with id {image_id} in the index")
+                hits = index.similar(image_id, k=k, min_score=min_score)
+            return items(hits)
+
+        return {"query": f"#{image_id}", "results": await context.work.run(work)}
 
     @router.get(
         "/images/{image_id}",
         summary="an indexed image by id: a thumbnail or the original bytes",
-        responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}},
+        responses={200: {"content": {"image/*": {}, "application/octet-stream": {}}}},
         response_class=Response,
     )
-    def indexed_image(
+    async def indexed_image(
         image_id: int = PathParameter(ge=0, le=MAX_ID), size: Literal["thumb", "original"] = "original"
     ) -> Response:
         index = context.need_index()
@@ -147,20 +187,12 @@ def search_router(context: ServeContext) -> APIRouter:
             raise ApiError(404, f"no image with id {image_id} in the index")
         headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
         if size == "thumb":
-            with thumbnails_lock:
-                cached = thumbnails.get(image_id)
-                if cached is not None:
-                    thumbnails.move_to_end(image_id)
+            name = thumbnails.name(row, settings.thumbnail_size)
+            cached = await run_in_threadpool(thumbnails.get, name)
             if cached is None:
-                picture = decode_upload(read_stored(row), f"image {image_id}", max_pixels=MAX_IMAGE_PIXELS)
-                picture.thumbnail((settings.thumbnail_size, settings.thumbnail_size))
-                cached = png_bytes(picture)
-                with thumbnails_lock:
-                    thumbnails[image_id] = cached
-                    while len(thumbnails) > THUMBNAIL_CACHE_SIZE:
-                        thumbnails.popitem(last=False)
+                cached = await context.work.run(lambda: make_thumbnail(row, name))
             return Response(cached, media_type="image/png", headers=headers)
-        data = read_stored(row)
+        data = await context.work.run(lambda: read_stored(row))
         try:
             kind = Image.open(io.BytesIO(data)).format  # reads the header only
         except Exception:
@@ -168,10 +200,18 @@ def search_router(context: ServeContext) -> APIRouter:
         media_type = Image.MIME.get(kind or "", "application/octet-stream")
         return Response(data, media_type=media_type, headers=headers)
 
+    def make_thumbnail(row: dict, name: str) -> bytes:
+        # The index accepted the image at the library's cap; its decoded cost is bounded by it (and by the limiter).
+        picture = decode_upload(read_stored(row), f"image {row['id']}", max_pixels=MAX_IMAGE_PIXELS)
+        picture.thumbnail((settings.thumbnail_size, settings.thumbnail_size))
+        png = png_bytes(picture)
+        thumbnails.put(name, png)
+        return png
+
     def read_stored(row: dict) -> bytes:
         try:
-            return read_indexed_image(row["path"])
-        except (OSError, tarfile.TarError, KeyError):
+            return read_image(row["path"], models.index.info.get("data", []))
+        except (OSError, tarfile.TarError, EOFError):
             raise ApiError(404, f"image {row['id']}: its file is no longer where the index found it") from None
 
     return router

@@ -1,10 +1,14 @@
 """The token cache: a dataset encoded once by a dVAE, so DALL·E training reads codes instead of decoding images.
 
     DIR/info.json            the dVAE's weights hash, the data it came from, counts per split (written last)
-    DIR/{train,val}-NNNNN.npz  `keys` (N,) str, `captions` (N,) str (one per line), `codes` (N, h*w) int16
+    DIR/{train,val}-NNNNN.npz  `codes` (N, h*w) int16, and the keys and captions (one per line) of the N samples
+                             as UTF-8 bytes one after another, `keys_utf8` / `captions_utf8` (uint8), with
+                             `keys_ends` / `captions_ends` (N,) int64 where each sample's text ends
 
-No pickles: every array is numeric or fixed-width unicode, read with `allow_pickle=False`. A cache whose
-info.json names another dVAE or dataset is rebuilt, so a DALL·E run never trains on codes of the wrong tokenizer.
+No pickles: every array is numeric, read with `allow_pickle=False`. Texts are stored by their length, not padded
+to the longest one (a fixed-width unicode array of 50,000 rows with one 200 kB caption would take 40 GB). A cache
+whose info.json names another dVAE, dataset or format is rebuilt, so a DALL·E run never trains on codes of the
+wrong tokenizer.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from tqdm import tqdm
 from ..checkpoint import WEIGHTS_FILE
 from ..data.loader import SampleStream, make_loader
 from ..data.sources import Record, Source, open_source, resolve_splits
-from ..io import atomic_write, file_sha256, read_json, write_json
+from ..io import DirectoryLock, atomic_write, file_sha256, read_json, write_json
 
 CHUNK_SIZE = 50_000  # images per file: 50k x 64 codes x 2 bytes = 6.4 MB at 8x8
 INFO_FILE = "info.json"
+FORMAT_VERSION = 2  # 2: texts as UTF-8 bytes + end offsets (1 had fixed-width unicode arrays)
 
 
 def weights_sha256(run_dir: str | Path) -> str:
@@ -42,10 +47,27 @@ class CodeSource(Source):
     def records(self, unit: str) -> Iterator[Record]:
         self._check_unit(unit)
         with np.load(self.folder / unit, allow_pickle=False) as arrays:
-            keys, captions, codes = arrays["keys"], arrays["captions"], arrays["codes"]
-        for key, caption_lines, row in zip(keys.tolist(), captions.tolist(), codes):
+            keys = unpack_texts(arrays["keys_utf8"], arrays["keys_ends"])
+            captions = unpack_texts(arrays["captions_utf8"], arrays["captions_ends"])
+            codes = arrays["codes"]
+        for key, caption_lines, row in zip(keys, captions, codes):
             captions_tuple = tuple(line for line in caption_lines.split("\n") if line)
             yield Record(key=key, name=f"{self.folder / unit}:{key}", captions=captions_tuple, codes=row)
+
+
+def pack_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (their UTF-8 bytes one after another (uint8), where each one ends (N,) int64): storage that follows
+    the texts' lengths."""
+    encoded = [text.encode("utf-8") for text in texts]
+    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return data, np.cumsum([len(item) for item in encoded], dtype=np.int64)
+
+
+def unpack_texts(data: np.ndarray, ends: np.ndarray) -> list[str]:
+    """The texts `pack_texts` packed."""
+    raw = data.tobytes()
+    starts = [0, *ends[:-1].tolist()]
+    return [raw[start:end].decode("utf-8") for start, end in zip(starts, ends.tolist())]
 
 
 def cache_is_current(folder: str | Path, vae_run: str | Path, data: str | Path) -> bool:
@@ -53,13 +75,23 @@ def cache_is_current(folder: str | Path, vae_run: str | Path, data: str | Path) 
     if not path.exists():
         return False
     info = read_json(path)
-    return info.get("vae_sha256") == weights_sha256(vae_run) and info.get("data") == str(data)
+    return (
+        info.get("format_version") == FORMAT_VERSION
+        and info.get("vae_sha256") == weights_sha256(vae_run)
+        and info.get("data") == str(data)
+    )
 
 
 def open_code_cache(folder: str | Path, split: str) -> CodeSource:
     folder = Path(folder)
     if not (folder / INFO_FILE).exists():
         raise ValueError(f"{folder}: not a complete token cache (no {INFO_FILE}); run `clipdalle tokens cache`")
+    version = read_json(folder / INFO_FILE).get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder}: a token cache of format {version or 1}, this clipdalle reads format {FORMAT_VERSION}; "
+            "rebuild it with `clipdalle tokens cache`"
+        )
     chunks = sorted(path.name for path in folder.glob(f"{split}-*.npz"))
     if not chunks:
         raise ValueError(f"{folder}: the token cache has no {split} split")
@@ -81,49 +113,51 @@ def build_code_cache(
     """Encodes every image of `data` (and its validation split, when it has one) into `folder`.
 
     Images are centre-cropped (no augmentation: the codes are fixed once cached). Unreadable images are skipped
-    and counted. Returns the info written to info.json."""
+    and counted. One build per folder at a time (FOLDER/.lock). Returns the info written to info.json."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / INFO_FILE).unlink(missing_ok=True)
-    for stale in folder.glob("*.npz"):
-        stale.unlink()
-    train_path, val_path = resolve_splits(data, val_data)
-    splits = {"train": train_path} if val_path is None else {"train": train_path, "val": val_path}
-    counts: dict[str, int] = {}
-    skipped = 0
-    vae = vae.to(device).eval()
-    for split, path in splits.items():
-        stream = SampleStream(
-            open_source(path, captions="required"),
-            image_size=vae.config.image_size,
-            batch_size=batch_size,
-            shuffle=False,
-            infinite=False,
-            keep_all_captions=True,
-        )
-        writer = ChunkWriter(folder, split)
-        counts[split] = 0
-        for batch in tqdm(make_loader(stream, num_workers), desc=f"encoding {split} images", unit="batch"):
-            skipped += batch["skipped"]
-            if not batch["keys"]:
-                continue
-            batch_codes = vae.encode(batch["images"].to(device)).flatten(1)  # (B, h*w)
-            writer.add(batch["keys"], batch["captions"], batch_codes.to(torch.int16).cpu().numpy())
-            counts[split] += len(batch["keys"])
-        writer.flush()
-        if counts[split] == 0:
-            raise ValueError(f"{path}: no readable images to encode")
-    info = {
-        "vae_sha256": weights_sha256(vae_run),
-        "data": str(data),
-        "grid_size": vae.config.grid_size,
-        "vocab_size": vae.config.vocab_size,
-        "counts": counts,
-        "skipped_images": skipped,
-        "holdout": val_path is None,
-    }
-    write_json(folder / INFO_FILE, info)
-    return info
+    with DirectoryLock(folder, "build a token cache"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / INFO_FILE).unlink(missing_ok=True)
+        for stale in folder.glob("*.npz"):
+            stale.unlink()
+        train_path, val_path = resolve_splits(data, val_data)
+        splits = {"train": train_path} if val_path is None else {"train": train_path, "val": val_path}
+        counts: dict[str, int] = {}
+        skipped = 0
+        vae = vae.to(device).eval()
+        for split, path in splits.items():
+            stream = SampleStream(
+                open_source(path, captions="required"),
+                image_size=vae.config.image_size,
+                batch_size=batch_size,
+                shuffle=False,
+                infinite=False,
+                keep_all_captions=True,
+            )
+            writer = ChunkWriter(folder, split)
+            counts[split] = 0
+            for batch in tqdm(make_loader(stream, num_workers), desc=f"encoding {split} images", unit="batch"):
+                skipped += batch["skipped"]
+                if not batch["keys"]:
+                    continue
+                batch_codes = vae.encode(batch["images"].to(device)).flatten(1)  # (B, h*w)
+                writer.add(batch["keys"], batch["captions"], batch_codes.to(torch.int16).cpu().numpy())
+                counts[split] += len(batch["keys"])
+            writer.flush()
+            if counts[split] == 0:
+                raise ValueError(f"{path}: no readable images to encode")
+        info = {
+            "format_version": FORMAT_VERSION,
+            "vae_sha256": weights_sha256(vae_run),
+            "data": str(data),
+            "grid_size": vae.config.grid_size,
+            "vocab_size": vae.config.vocab_size,
+            "counts": counts,
+            "skipped_images": skipped,
+            "holdout": val_path is None,
+        }
+        write_json(folder / INFO_FILE, info)
+        return info
 
 
 class ChunkWriter:
@@ -145,9 +179,13 @@ class ChunkWriter:
     def flush(self) -> None:
         if not self.keys:
             return
+        keys_utf8, keys_ends = pack_texts(self.keys)
+        captions_utf8, captions_ends = pack_texts(self.captions)
         arrays = {
-            "keys": np.array(self.keys),
-            "captions": np.array(self.captions),
+            "keys_utf8": keys_utf8,
+            "keys_ends": keys_ends,
+            "captions_utf8": captions_utf8,
+            "captions_ends": captions_ends,
             "codes": np.concatenate(self.codes),
         }
 

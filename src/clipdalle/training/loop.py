@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import checkpoint
 from ..config import TrainConfig
-from ..io import atomic_write
+from ..io import DirectoryLock, atomic_write
 from ..runtime import autocast, barrier, distributed_context, init_distributed, resolve_device, resolve_dtype, to_device
 from ..transforms import save_image
 
@@ -112,7 +112,7 @@ class MetricsLog:
             steps, values = series.setdefault(row["name"], {}).setdefault(row["split"], ([], []))
             steps.append(int(row["step"]))
             values.append(float(row["value"]))
-        names = [name for name in series if name not in ("lr", "skipped_images")] or list(series)
+        names = [name for name in series if name not in ("lr", "skipped_images", "skipped_steps")] or list(series)
         if not names:
             return
         columns = min(3, len(names))
@@ -151,8 +151,28 @@ def train(
 
     `train_batches(start_batch)` yields this rank's batches from `start_batch` on; `val_batches()` yields
     validation batches (the first `config.eval_batches` are used, decoded once). The run directory receives
-    config.json at the start, and checkpoints, metrics.csv, loss.png and samples/ as it goes."""
+    config.json at the start, and checkpoints, metrics.csv, loss.png and samples/ as it goes. One process writes a
+    run at a time (rank 0 holds RUN/.lock); a second gets a one-line error.
+
+    A step whose loss or gradient is NaN or infinite changes nothing (it is counted in `skipped_steps`);
+    `config.max_skipped_steps` of them in a row stop the run with a one-line error, its last checkpoint intact."""
     run_dir = Path(run_dir)
+    rank, _, _ = distributed_context()
+    with DirectoryLock(run_dir, "train this run") if rank == 0 else contextlib.nullcontext():
+        return _train(model, loss_fn, train_batches, run_dir, config, val_batches, evaluate, resume, items_key)
+
+
+def _train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    train_batches: Callable[[int], Iterator[dict]],
+    run_dir: Path,
+    config: TrainConfig,
+    val_batches: Callable[[], Iterable[dict]] | None,
+    evaluate: EvaluateFn | None,
+    resume: bool,
+    items_key: str,
+) -> torch.nn.Module:
     rank, world, local_rank = distributed_context()
     device = resolve_device(config.device, local_rank)
     init_distributed(device)
@@ -166,7 +186,7 @@ def train(
         parameter_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), fused=True
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step = 0
+    step, skipped_steps, skipped_in_a_row = 0, 0, 0
     if resume:
         checkpoint.recover(run_dir) if is_main else None
         barrier()
@@ -175,6 +195,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("world_size", world) != world:
             print(
                 f"warning: {run_dir} was trained with {state['world_size']} process(es), resuming with {world}: "
@@ -199,7 +220,8 @@ def train(
         total=config.steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True, file=sys.stderr
     )
     items_since, time_since = 0, time.perf_counter()
-    running: dict[str, float] = {}
+    running: dict[str, float] = {}  # summed metrics of the good steps since the last log row
+    good_since = 0  # steps in `running`
 
     while step < config.steps:
         lr = lr_at(step, config)
@@ -207,29 +229,52 @@ def train(
             group["lr"] = lr
         seed_step(config.seed, step, rank)
         model.train()
+        step_metrics: dict[str, float] = {}
+        finite = True
         for micro_step in range(config.grad_accum):
             batch = to_device(next(data), device)
             skipped_total += batch.get("skipped", 0)
             if batch.get("epoch", 0) > last_epoch:
                 last_epoch = batch["epoch"]
                 if is_main and skipped_total:
-                    progress_bar.write(f"epoch {last_epoch}: {skipped_total} unreadable image(s) skipped so far")
+                    progress_bar.write(f"epoch {last_epoch}: {skipped_total} unreadable sample(s) skipped so far")
             items_since += len(batch[items_key])
             sync = world == 1 or micro_step == config.grad_accum - 1
             with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
                 loss, metrics = loss_fn(model, batch, step / config.steps)
                 scaler.scale(loss / config.grad_accum).backward()
+            finite = finite and math.isfinite(float(loss.detach()))
             for name, value in metrics.items():
-                running[name] = running.get(name, 0.0) + float(value) / config.grad_accum
+                step_metrics[name] = step_metrics.get(name, 0.0) + float(value) / config.grad_accum
         if config.grad_clip > 0:
             scaler.unscale_(optimizer)
-            running["grad_norm"] = running.get("grad_norm", 0.0) + float(
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            )
-        scaler.step(optimizer)
-        scaler.update()
+            step_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+            # fp16: an overflowing gradient is the GradScaler's to handle (it skips the step and lowers the scale)
+            finite = finite and (scaler.is_enabled() or math.isfinite(step_metrics["grad_norm"]))
+        elif not scaler.is_enabled():
+            finite = finite and gradients_are_finite(model)
+        if world > 1:  # every rank takes the same decision (a rank's NaN loss reaches all gradients anyway)
+            finite = all_ranks_agree(finite, device)
+        if finite:
+            scaler.step(optimizer)
+            scaler.update()
+            skipped_in_a_row = 0
+            for name, value in step_metrics.items():
+                running[name] = running.get(name, 0.0) + value
+            good_since += 1
+        else:
+            skipped_steps += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= config.max_skipped_steps:
+                progress_bar.close()
+                raise ValueError(
+                    f"{run_dir}: the loss or the gradients were NaN or infinite at {skipped_in_a_row} steps in a row "
+                    f"(steps {step + 2 - skipped_in_a_row} to {step + 1}; each was skipped); the last checkpoint "
+                    f"(step {checkpoint.checkpoint_step(run_dir) or 'none'}) holds good weights: lower --lr or "
+                    "check the data, then --resume"
+                )
         optimizer.zero_grad(set_to_none=True)
-        if hasattr(raw_model, "after_step"):  # e.g. CLIP clamps its logit scale
+        if finite and hasattr(raw_model, "after_step"):  # e.g. CLIP clamps its logit scale
             raw_model.after_step()
         step += 1
         progress_bar.update(1)
@@ -237,13 +282,13 @@ def train(
         if is_main and (step % config.log_every == 0 or step == config.steps):
             elapsed = time.perf_counter() - time_since
             rate = items_since * world / max(elapsed, 1e-9)
-            steps_logged = config.log_every if step % config.log_every == 0 else step % config.log_every
-            averaged = {name: value / steps_logged for name, value in running.items()}
-            log.add(step, "train", {**averaged, "lr": lr, "items_per_s": rate, "skipped_images": skipped_total})
+            averaged = {name: value / max(1, good_since) for name, value in running.items()}
+            counts = {"skipped_images": skipped_total, "skipped_steps": skipped_steps}
+            log.add(step, "train", {**averaged, "lr": lr, "items_per_s": rate, **counts})
             progress_bar.set_postfix(loss=f"{averaged.get('loss', float('nan')):.4f}", items_s=f"{rate:.0f}")
-            running, items_since, time_since = {}, 0, time.perf_counter()
+            running, good_since, items_since, time_since = {}, 0, 0, time.perf_counter()
         elif not is_main and step % config.log_every == 0:
-            running = {}
+            running, good_since = {}, 0
 
         if step % config.eval_every == 0 or step == config.steps:
             if is_main and evaluate is not None and val_batches is not None:
@@ -270,6 +315,7 @@ def train(
                     "scaler": scaler.state_dict(),
                     "data_position": step * config.grad_accum,
                     "world_size": world,
+                    "skipped_steps": skipped_steps,
                 }
                 checkpoint.save_checkpoint(run_dir, raw_model, train_state)
                 checkpoint.save_config(run_dir, raw_model, config)
@@ -277,11 +323,26 @@ def train(
 
     progress_bar.close()
     if is_main and skipped_total:
-        print(f"{skipped_total} unreadable image(s) skipped (see skipped_images in metrics.csv)", file=sys.stderr)
+        print(f"{skipped_total} unreadable sample(s) skipped (see skipped_images in metrics.csv)", file=sys.stderr)
+    if is_main and skipped_steps:
+        print(f"{skipped_steps} step(s) with a NaN or infinite loss skipped (see metrics.csv)", file=sys.stderr)
     del data
     if dist.is_initialized():
         dist.destroy_process_group()
     return raw_model
+
+
+def gradients_are_finite(model: torch.nn.Module) -> bool:
+    """No NaN or infinity in any gradient (one fused norm over all of them)."""
+    gradients = [param.grad for param in model.parameters() if param.grad is not None]
+    return not gradients or bool(torch.isfinite(torch.nn.utils.get_total_norm(gradients)))
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is True on every rank (one all-reduce of a single number)."""
+    value = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() == 0.0)
 
 
 def _take(items: Iterable[dict], count: int) -> list[dict]:

@@ -20,6 +20,7 @@ from .. import checkpoint, evaluate, sampling
 from ..config import TrainConfig, replace
 from ..data.loader import Augment, SampleStream, batches, make_loader
 from ..data.sources import is_validation, open_source, resolve_splits
+from ..io import DirectoryLock
 from ..models import CLIP, DALLE, DiscreteVAE
 from ..pretrained import load
 from ..prompts import write_training_prompts
@@ -94,10 +95,8 @@ def train_vae(
     val_data: str | Path | None = None,
     resume: bool = False,
 ) -> torch.nn.Module:
-    """Trains the discrete VAE (images only; captions are not needed) into the run directory `out`."""
-    train_batches, val_batches = data_streams(
-        data, config, model_config.image_size, val_data=val_data, captions="optional"
-    )
+    """Trains the discrete VAE (images only: caption files are never opened) into the run directory `out`."""
+    train_batches, val_batches = data_streams(data, config, model_config.image_size, val_data=val_data, captions="none")
     torch.manual_seed(config.seed)
     model = DiscreteVAE(model_config)
 
@@ -230,17 +229,18 @@ def train_dalle(
     init_distributed(device)
     vae_dir = out / "vae"
     if rank == 0:
-        if (vae_dir / checkpoint.WEIGHTS_FILE).exists():
-            if Path(vae_run).resolve() != vae_dir.resolve() and weights_sha256(vae_dir) != weights_sha256(vae_run):
-                raise ValueError(
-                    f"{out} was trained with the dVAE in {vae_dir} (sha256 {weights_sha256(vae_dir)[:12]}), not with "
-                    f"{vae_run} (sha256 {weights_sha256(vae_run)[:12]}); train a new DALL·E run for another dVAE"
-                )
-        else:
-            checkpoint.load_model(vae_run, expect="dvae")  # a clear error before copying anything
-            shutil.copytree(
-                vae_run, vae_dir, ignore=shutil.ignore_patterns(checkpoint.TRAIN_STATE_FILE, ".*"), dirs_exist_ok=True
-            )
+        with DirectoryLock(out, "train this run"):  # the training loop takes it again for the run itself
+            if (vae_dir / checkpoint.WEIGHTS_FILE).exists():
+                if Path(vae_run).resolve() != vae_dir.resolve() and weights_sha256(vae_dir) != weights_sha256(vae_run):
+                    raise ValueError(
+                        f"{out} was trained with the dVAE in {vae_dir} (sha256 {weights_sha256(vae_dir)[:12]}), "
+                        f"not with {vae_run} (sha256 {weights_sha256(vae_run)[:12]}); train a new DALL·E run for "
+                        "another dVAE"
+                    )
+            else:
+                checkpoint.load_model(vae_run, expect="dvae")  # a clear error before copying anything
+                ignore = shutil.ignore_patterns(checkpoint.TRAIN_STATE_FILE, ".*")
+                shutil.copytree(vae_run, vae_dir, ignore=ignore, dirs_exist_ok=True)
     barrier()
     vae = checkpoint.load_model(vae_dir, expect="dvae", device=device)
     derived = {"image_vocab_size": vae.config.vocab_size, "grid_size": vae.config.grid_size}
