@@ -339,9 +339,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert
 
-    path = convert(
-        args.source, args.out, to=args.to, quick_gelu=args.quick_gelu, trust_torchscript=args.trust_torchscript
-    )
+    path = convert(args.source, args.out, to=args.to, quick_gelu=args.quick_gelu)
     print(f"wrote {path}")
 
 
@@ -621,7 +619,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=("hf", "openai"), help="target layout")
     convert.add_argument("--out", required=True, help="output directory (or .safetensors file for --to openai)")
     convert.add_argument("--quick-gelu", default=None, action=argparse.BooleanOptionalAction, help="activation")
-    convert.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI TorchScript archives (code)")
 
     guide = command(commands, "guide", cmd_guide, "CLIP-guided generation on the dVAE's code grid (VQGAN+CLIP)")
     guide.add_argument("prompt", help="what the image should show")
