@@ -21,6 +21,7 @@ This is the only module of the package that opens URLs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -98,7 +99,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLIPDALLE_CACHE") or Path.home() / ".cache" / "clipdalle").expanduser()
 
 
+@functools.lru_cache(maxsize=1)
 def open_clip_table() -> dict[str, Any]:
+    """{"archs": {ARCH: open_clip model config}, "tags": {ARCH/TAG: {"repo", and "quick_gelu", "mean", "std" where
+    the tag differs from its architecture}}}, read once."""
     return json.loads(resources.files(__package__).joinpath(OPEN_CLIP_TABLE).read_text(encoding="utf-8"))
 
 
@@ -124,13 +128,19 @@ def download_hint(name: str) -> str:
     return f"run `clipdalle models download {name}` on a machine with network access"
 
 
-def resolve(name: str, *, refresh: bool = False) -> ModelFiles:
-    """The local files of a named model, fetched when missing (or, with `refresh`, checked against the Hub)."""
+FETCH = ("missing", "refresh", "never")  # what resolve fetches: what is not cached | check the Hub again | nothing
+
+
+def resolve(name: str, *, fetch: str = "missing") -> ModelFiles:
+    """The local files of a named model: fetched when missing, checked against the Hub again with
+    fetch="refresh", never fetched with fetch="never" (nor in offline mode: a missing file is a ValueError)."""
+    if fetch not in FETCH:
+        raise ValueError(f"resolve: fetch={fetch!r}; expected one of {', '.join(FETCH)}")
     kind = kind_of(name)
     if kind is None:
         raise ValueError(f"{name!r}: not a model name clipdalle knows; see `clipdalle models list`")
     if kind == "openai":
-        return _resolve_openai(name)
+        return _resolve_openai(name, fetch)
     if kind == "open_clip":
         arch, tag = name.split("/")
         table = open_clip_table()
@@ -142,13 +152,13 @@ def resolve(name: str, *, refresh: bool = False) -> ModelFiles:
             )
         model_cfg = table["archs"][arch]
         preprocess = {"mean": entry["mean"], "std": entry["std"]} if "mean" in entry else {}
-        files = _resolve_open_clip_repo(name, entry["repo"], model_cfg.get("text_cfg", {}), refresh, config_file=False)
+        files = _resolve_open_clip_repo(name, entry["repo"], model_cfg.get("text_cfg", {}), fetch, config_file=False)
         files.open_clip_config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
         files.quick_gelu = True if entry.get("quick_gelu") else None
         return files
     if kind == "hf-hub":
-        return _resolve_open_clip_repo(name, name[len(HUB_PREFIX) :], None, refresh, config_file=True)
-    return _resolve_transformers_repo(name, refresh)
+        return _resolve_open_clip_repo(name, name[len(HUB_PREFIX) :], None, fetch, config_file=True)
+    return _resolve_transformers_repo(name, fetch)
 
 
 # ------------------------------------------------------------------------------------------ OpenAI's files
@@ -163,15 +173,18 @@ def openai_path(name: str) -> Path:
     return cache_dir() / "openai" / OPENAI_MODELS[name].split("/")[1]
 
 
-def _resolve_openai(name: str) -> ModelFiles:
+def _resolve_openai(name: str, fetch: str) -> ModelFiles:
     sha256 = OPENAI_MODELS[name].split("/")[0]
     target = openai_path(name)
     if not target.is_file():
-        if offline():
+        if fetch == "never" or offline():
             raise ValueError(f"{name}: not in the cache ({target}) and offline mode is on; {download_hint(name)}")
         download_url(openai_url(name), target, sha256=sha256, label=name)
-    tokenizer = _hub_files(CLIP_BPE_REPO, CLIP_BPE_FILES, (), name=name, refresh=False)
-    return ModelFiles(name, target, tokenizer=tokenizer.parent, sha256=sha256, files=[target])
+    tokenizer = _hub_files(
+        CLIP_BPE_REPO, CLIP_BPE_FILES, (), name=name, fetch="never" if fetch == "never" else "missing"
+    )
+    tokenizer_files = [tokenizer.parent / file for file in CLIP_BPE_FILES]
+    return ModelFiles(name, target, tokenizer=tokenizer.parent, sha256=sha256, files=[target, *tokenizer_files])
 
 
 def download_url(url: str, target: Path, *, sha256: str | None = None, label: str = "") -> Path:
@@ -275,6 +288,13 @@ def _hub_download(repo: str, filename: str, *, local_only: bool) -> Path:
     return Path(path)
 
 
+def _hub_download_available(repo: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("huggingface_hub") is None:
+        raise ValueError(f"{repo}: model names need huggingface_hub: pip install 'clipdalle[hub]'")
+
+
 def hf_cache_dir() -> str | None:
     """huggingface_hub's cache as the environment names it now (None: its default)."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -284,13 +304,14 @@ def hf_cache_dir() -> str | None:
     return None
 
 
-def _hub_files(repo: str, required: tuple[str, ...], optional: tuple[str, ...], *, name: str, refresh: bool) -> Path:
+def _hub_files(repo: str, required: tuple[str, ...], optional: tuple[str, ...], *, name: str, fetch: str) -> Path:
     """Fetches `required` (each entry: alternatives separated by '|', the first found wins) and whichever of
     `optional` the repo has; returns the path of the first required file. Cached files are used without a
-    network call unless `refresh`."""
+    network call unless fetch="refresh"."""
+    _hub_download_available(repo)
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    def fetch(filename: str, local_only: bool) -> Path | None:
+    def get(filename: str, local_only: bool) -> Path | None:
         try:
             return _hub_download(repo, filename, local_only=local_only)
         except LocalEntryNotFoundError:
@@ -301,17 +322,17 @@ def _hub_files(repo: str, required: tuple[str, ...], optional: tuple[str, ...], 
     def fetch_all(local_only: bool) -> list[Path] | None:
         paths = []
         for alternatives in required:
-            found = next((p for p in (fetch(f, local_only) for f in alternatives.split("|")) if p is not None), None)
+            found = next((p for p in (get(f, local_only) for f in alternatives.split("|")) if p is not None), None)
             if found is None:
                 return None
             paths.append(found)
         for filename in optional:
-            fetch(filename, local_only)
+            get(filename, local_only)
         return paths
 
-    paths = None if refresh else _quietly(fetch_all, True, repo)
+    paths = None if fetch == "refresh" else _quietly(fetch_all, True, repo)
     if paths is None:
-        if offline():
+        if fetch == "never" or offline():
             raise ValueError(f"{name}: not in the Hugging Face cache and offline mode is on; {download_hint(name)}")
         paths = _quietly(fetch_all, False, repo)
     if paths is None:
@@ -349,39 +370,37 @@ def _weights_sha256(path: Path) -> str:
 
 
 def _resolve_open_clip_repo(
-    name: str, repo: str, text_cfg: dict[str, Any] | None, refresh: bool, *, config_file: bool
+    name: str, repo: str, text_cfg: dict[str, Any] | None, fetch: str, *, config_file: bool
 ) -> ModelFiles:
     """An open_clip repo: its weights (safetensors first), its open_clip_config.json when `config_file`, and a
     tokenizer: its own files, the repo open_clip's config names (hf_tokenizer_name), or OpenAI's BPE."""
     weights_alternatives = "|".join(OPEN_CLIP_WEIGHTS)
     if config_file:
         config = _hub_files(
-            repo, ("open_clip_config.json", weights_alternatives), TOKENIZER_FILES, name=name, refresh=refresh
+            repo, ("open_clip_config.json", weights_alternatives), TOKENIZER_FILES, name=name, fetch=fetch
         )
         folder = config.parent
         text_cfg = (json.loads(config.read_text(encoding="utf-8")).get("model_cfg") or {}).get("text_cfg") or {}
         path, weights = folder, next(folder / f for f in OPEN_CLIP_WEIGHTS if (folder / f).is_file())
     else:  # an ARCH/PRETRAINED tag: the weights file, read with the architecture's config from our table
-        weights = _hub_files(repo, (weights_alternatives,), TOKENIZER_FILES, name=name, refresh=refresh)
+        weights = _hub_files(repo, (weights_alternatives,), TOKENIZER_FILES, name=name, fetch=fetch)
         path, folder = weights, weights.parent
     tokenizer = None
     if not any((folder / f).is_file() for f in ("vocab.json", "spiece.model", "tokenizer.json")):
         tokenizer_repo = (text_cfg or {}).get("hf_tokenizer_name")
         if tokenizer_repo:
             required = ("tokenizer.json|spiece.model",)
-            tokenizer = _hub_files(tokenizer_repo, required, TOKENIZER_FILES, name=name, refresh=refresh).parent
+            tokenizer = _hub_files(tokenizer_repo, required, TOKENIZER_FILES, name=name, fetch=fetch).parent
         else:
-            tokenizer = _hub_files(CLIP_BPE_REPO, CLIP_BPE_FILES, (), name=name, refresh=refresh).parent
+            tokenizer = _hub_files(CLIP_BPE_REPO, CLIP_BPE_FILES, (), name=name, fetch=fetch).parent
     files = _snapshot_files(folder) + (_snapshot_files(tokenizer) if tokenizer else [])
     return ModelFiles(name, path, tokenizer=tokenizer, sha256=_weights_sha256(weights), files=files)
 
 
-def _resolve_transformers_repo(name: str, refresh: bool) -> ModelFiles:
+def _resolve_transformers_repo(name: str, fetch: str) -> ModelFiles:
     """A transformers CLIPModel / SiglipModel repo: config.json, weights (one file or safetensors shards),
     preprocessor_config.json and the tokenizer files it has."""
-    config = _hub_files(
-        name, ("config.json",), ("preprocessor_config.json", *TOKENIZER_FILES), name=name, refresh=refresh
-    )
+    config = _hub_files(name, ("config.json",), ("preprocessor_config.json", *TOKENIZER_FILES), name=name, fetch=fetch)
     folder = config.parent
     model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     if model_type not in ("clip", "siglip"):
@@ -389,11 +408,11 @@ def _resolve_transformers_repo(name: str, refresh: bool) -> ModelFiles:
         raise ValueError(
             f"{name}: a Hugging Face {model_type!r} model{extra}; expected a CLIPModel or SiglipModel repo"
         )
-    index = _hub_files(name, (f"{HF_WEIGHTS_INDEX}|{'|'.join(HF_WEIGHTS)}",), (), name=name, refresh=refresh)
+    index = _hub_files(name, (f"{HF_WEIGHTS_INDEX}|{'|'.join(HF_WEIGHTS)}",), (), name=name, fetch=fetch)
     weights = index
     if index.name == HF_WEIGHTS_INDEX:
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
-        weights = _hub_files(name, tuple(shards), (), name=name, refresh=refresh) if shards else index
+        weights = _hub_files(name, tuple(shards), (), name=name, fetch=fetch) if shards else index
     return ModelFiles(name, folder, sha256=_weights_sha256(weights), files=_snapshot_files(folder))
 
 
@@ -402,23 +421,41 @@ def _resolve_transformers_repo(name: str, refresh: bool) -> ModelFiles:
 
 def list_models() -> list[dict[str, Any]]:
     """Every name `models list` shows: OpenAI's, open_clip's tags, transformers repos (a few well-known ones and
-    any CLIP in the cache), each with where it comes from, whether it is cached, and its size on disk."""
+    any other CLIP in the cache), each with where it comes from, whether all its files are cached, and its size on
+    disk (a Hub repo's whole cache folder)."""
     table = open_clip_table()
     hub_sizes = _cached_repo_sizes()
     rows = []
     for name in OPENAI_MODELS:
         path = openai_path(name)
-        rows.append(_row(name, "openai", path.is_file(), path.stat().st_size if path.is_file() else 0))
+        rows.append(
+            _row(name, "openai", path.is_file() and _is_cached(name), path.stat().st_size if path.is_file() else 0)
+        )
+    tag_repos = {entry["repo"] for entry in table["tags"].values()}
     for name, entry in table["tags"].items():
         size = hub_sizes.get(entry["repo"])
-        rows.append(_row(name, "open_clip", size is not None, size or 0))
-    cached_repos = [repo for repo in hub_sizes if repo not in {entry["repo"] for entry in table["tags"].values()}]
-    for repo in dict.fromkeys([*TRANSFORMERS_MODELS, *sorted(cached_repos)]):
-        if repo == CLIP_BPE_REPO and repo not in TRANSFORMERS_MODELS:
-            continue
+        rows.append(_row(name, "open_clip", size is not None and _is_cached(name), size or 0))
+    others = sorted(repo for repo in hub_sizes if repo not in tag_repos and repo not in TRANSFORMERS_MODELS)
+    for repo in [*TRANSFORMERS_MODELS, *others]:
         size = hub_sizes.get(repo)
-        rows.append(_row(repo, "transformers", size is not None, size or 0))
+        cached = size is not None and _is_cached(repo)
+        if cached or repo in TRANSFORMERS_MODELS:  # other cached repos: only the CLIP models among them
+            rows.append(_row(repo, "transformers", cached, size or 0))
     return rows
+
+
+def _is_cached(name: str) -> bool:
+    try:
+        resolve(name, fetch="never")
+    except ValueError:
+        return False
+    return True
+
+
+def available_models() -> list[str]:
+    """The model names `models list` shows (as openai/CLIP's clip.available_models, with more sources)."""
+    table = open_clip_table()
+    return [*OPENAI_MODELS, *table["tags"], *TRANSFORMERS_MODELS]
 
 
 def _row(name: str, source: str, cached: bool, size: int) -> dict[str, Any]:

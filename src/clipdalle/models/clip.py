@@ -148,7 +148,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width, eps=config.norm_eps)
-        self.transformer = vision_transformer(config)
+        self.transformer = tower_transformer(config, "vision")
         self.ln_post = LayerNorm(width, eps=config.norm_eps)
         self.proj = nn.Parameter(scale * torch.randn(width, config.embed_dim))
         init_transformer_(self.transformer)
@@ -165,14 +165,15 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x) @ self.proj
 
 
-def vision_transformer(config: CLIPConfig) -> Transformer:
+def tower_transformer(config: CLIPConfig, tower: str) -> Transformer:
+    """The transformer of the "vision" or "text" tower, sized by the config's fields with that prefix."""
     return Transformer(
-        config.vision_n_embd,
-        config.vision_n_layer,
-        config.vision_n_head,
-        config.activation,
+        getattr(config, f"{tower}_n_embd"),
+        getattr(config, f"{tower}_n_layer"),
+        getattr(config, f"{tower}_n_head"),
+        config.text_act if tower == "text" else config.activation,
         grad_checkpointing=config.grad_checkpointing,
-        mlp_width=config.vision_mlp_width or None,
+        mlp_width=getattr(config, f"{tower}_mlp_width") or None,
         norm_eps=config.norm_eps,
     )
 
@@ -221,7 +222,7 @@ class SiglipVisionTransformer(nn.Module):
         grid = config.image_size // config.vision_patch_size
         self.conv1 = nn.Conv2d(3, width, config.vision_patch_size, stride=config.vision_patch_size)
         self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(grid * grid, width))
-        self.transformer = vision_transformer(config)
+        self.transformer = tower_transformer(config, "vision")
         self.ln_post = LayerNorm(width, eps=config.norm_eps)
         self.attn_pool = AttentionPoolingHead(config)
         init_transformer_(self.transformer)
@@ -362,6 +363,25 @@ def pooling_positions(text: torch.Tensor, pooling: str, eos_id: int) -> torch.Te
     raise ValueError(f"text pooling {pooling!r}: expected one of {', '.join(TEXT_POOLINGS)}")
 
 
+def check_images(images: torch.Tensor, size: int) -> None:
+    """What encode_image takes, for every backend: (B, 3, size, size)."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
+        raise ValueError(
+            f"encode_image: expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}; "
+            f"resize them (see clipdalle.clip.preprocess)"
+        )
+
+
+def check_text(text: torch.Tensor, context_length: int) -> None:
+    """What encode_text takes, for every backend: integer ids (B, T) with 1 <= T <= context_length."""
+    if text.dim() != 2 or text.shape[1] < 1 or text.shape[1] > context_length:
+        raise ValueError(
+            f"encode_text: expected token ids of shape (B, T) with 1 <= T <= {context_length}, got {tuple(text.shape)}"
+        )
+    if text.dtype not in (torch.long, torch.int):
+        raise ValueError(f"encode_text: expected integer token ids, got {text.dtype}")
+
+
 def pair_logits(
     features: torch.Tensor, other_features: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -381,15 +401,7 @@ class CLIP(nn.Module):
             self.visual = ModifiedResNet(config)
         else:
             self.visual = SiglipVisionTransformer(config) if config.is_siglip else VisionTransformer(config)
-        self.transformer = Transformer(
-            config.text_n_embd,
-            config.text_n_layer,
-            config.text_n_head,
-            config.text_act,
-            grad_checkpointing=config.grad_checkpointing,
-            mlp_width=config.text_mlp_width or None,
-            norm_eps=config.norm_eps,
-        )
+        self.transformer = tower_transformer(config, "text")
         self.token_embedding = nn.Embedding(config.vocab_size, config.text_n_embd)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_n_embd))
         self.ln_final = LayerNorm(config.text_n_embd, eps=config.norm_eps)
@@ -415,12 +427,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> L2-normalised features (B, embed_dim); normalises with image_mean/std."""
-        size = self.config.image_size
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
-            raise ValueError(
-                f"encode_image: expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}; "
-                f"resize them (see clipdalle.clip.preprocess)"
-            )
+        check_images(images, self.config.image_size)
         pixels = (images - self.image_mean) / self.image_std
         features = self.visual(pixels.to(self.positional_embedding.dtype))
         return F.normalize(features, dim=-1)
@@ -431,18 +438,17 @@ class CLIP(nn.Module):
         A causal (CLIP) text tower cuts the batch after its last end-of-text token: nothing after it changes the
         feature, so padding costs nothing. SigLIP's tower attends both ways and reads the last position, so it
         sees the whole row, padding included, as it was trained."""
-        if text.dim() != 2 or text.shape[1] < 1 or text.shape[1] > self.config.context_length:
-            raise ValueError(
-                f"encode_text: expected token ids of shape (B, T) with 1 <= T <= {self.config.context_length}, "
-                f"got {tuple(text.shape)}"
-            )
-        if text.dtype not in (torch.long, torch.int):
-            raise ValueError(f"encode_text: expected integer token ids, got {text.dtype}")
+        check_text(text, self.config.context_length)
         positions = pooling_positions(text, self.config.text_pooling, self.config.eos_id)  # (B,)
+        if not self.config.is_siglip and text.shape[0] > 0:
+            text = text[:, : int(positions.max()) + 1]  # (B, T'): causal, so what follows changes nothing
+        return self.encode_text_at(text, positions)
+
+    def encode_text_at(self, text: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) read at `positions` (B,) -> L2-normalised features (B, embed_dim). `encode_text` picks
+        the positions and cuts the padding; an exported graph reads whole rows (no data-dependent length)."""
+        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, T, C)
         causal = not self.config.is_siglip
-        length = int(positions.max()) + 1 if text.shape[0] > 0 and causal else text.shape[1]
-        text = text[:, :length]  # (B, T')
-        x = self.token_embedding(text) + self.positional_embedding[:length]  # (B, T', C)
         x = self.transformer.forward_at(x, positions, is_causal=causal)  # (B, C): the pooled token's output
         x = self.ln_final(x)
         x = self.text_projection(x) if self.config.is_siglip else x @ self.text_projection

@@ -83,6 +83,7 @@ class SiglipTokenizer:
         self.vocab_size = vocab_size
         self.context_length = context_length
         self._fast: Any = None  # the tokenizers.Tokenizer of a tokenizer.json, which adds its own special tokens
+        self.files: list[Path] = []  # the files it was read from (copied beside an ONNX export)
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -95,10 +96,14 @@ class SiglipTokenizer:
         spiece, fast = folder / SPIECE_FILE, folder / TOKENIZER_JSON
         prefer_spiece = settings.get("tokenizer_class") in ("SiglipTokenizer", None) or not fast.is_file()
         if spiece.is_file() and prefer_spiece:
-            return cls._from_sentencepiece(spiece, settings)
-        if fast.is_file():
-            return cls._from_tokenizer_json(fast, settings)
-        raise ValueError(f"{folder}: no SigLIP tokenizer ({SPIECE_FILE} or {TOKENIZER_JSON}); pass tokenizer=PATH")
+            tokenizer, model_file = cls._from_sentencepiece(spiece, settings), spiece
+        elif fast.is_file():
+            tokenizer, model_file = cls._from_tokenizer_json(fast, settings), fast
+        else:
+            raise ValueError(f"{folder}: no SigLIP tokenizer ({SPIECE_FILE} or {TOKENIZER_JSON}); pass tokenizer=PATH")
+        settings_files = [folder / name for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP) if (folder / name).is_file()]
+        tokenizer.files = [model_file, *settings_files]
+        return tokenizer
 
     @classmethod
     def _from_sentencepiece(cls, path: Path, settings: dict[str, Any]) -> SiglipTokenizer:
