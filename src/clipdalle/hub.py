@@ -315,7 +315,9 @@ def _hub_files(repo: str, required: tuple[str, ...], optional: tuple[str, ...], 
         try:
             return _hub_download(repo, filename, local_only=local_only)
         except LocalEntryNotFoundError:
-            return None
+            if local_only:  # not cached
+                return None
+            raise  # online: the Hub could not be reached and the file is not cached
         except EntryNotFoundError:  # the repo has no such file (a 404 for this file)
             return None
 

@@ -61,10 +61,7 @@ def load(
     if checkpoint.is_run(path):
         overrides = None if quick_gelu is None else {"activation": "quick_gelu" if quick_gelu else "gelu"}
         model = checkpoint.load_model(path, expect="clip", overrides=overrides)
-        # Our caption tokenizer, or the CLIP BPE (vocab.json + merges.txt) of a run fine-tuned from OpenAI weights.
-        tokenizer_source = path / checkpoint.TOKENIZER_FILE
-        if not tokenizer_source.is_file():
-            tokenizer_source = tokenizer_beside(path)
+        tokenizer_source = run_tokenizer(path, siglip=model.config.is_siglip)
         if tokenizer is None and tokenizer_source is None:
             raise ValueError(
                 f"{path}: the run has no {checkpoint.TOKENIZER_FILE} (nor vocab.json + merges.txt); pass tokenizer=PATH"
@@ -86,6 +83,16 @@ def load(
         tokenizer.context_length = model.config.context_length
     model = model.to(device).eval()
     return model, functools.partial(load_image, size=model.config.image_size), tokenizer
+
+
+def run_tokenizer(run: Path, siglip: bool) -> Path | None:
+    """Where a run's tokenizer is: our caption tokenizer (RUN/tokenizer.json), or the foreign one of a run fine-tuned
+    from OpenAI weights (vocab.json + merges.txt) or from a SigLIP (spiece.model or SigLIP 2's tokenizer.json, with
+    tokenizer_config.json)."""
+    if siglip and any((run / name).is_file() for name in ("spiece.model", "tokenizer_config.json")):
+        return run
+    caption = run / checkpoint.TOKENIZER_FILE
+    return caption if caption.is_file() else tokenizer_beside(run)
 
 
 def load_tokenizer(source: str | Path | None, siglip: bool = False) -> Any:

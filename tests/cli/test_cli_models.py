@@ -3,6 +3,7 @@ server of tests/fake_servers.py)."""
 
 import json
 
+import torch
 from helpers import assert_one_line_error, run
 
 
@@ -63,3 +64,21 @@ def test_a_siglip_model_trains_from_scratch(capsys, shapes_folder, tmp_path):
                             "2", "--backend", "torch")  # fmt: skip
     assert code == 0, err
     assert stdout.startswith("# probabilities: sigmoid per label")
+
+
+def test_fine_tune_a_siglip_by_name_and_resume(capsys, model_server, shapes_folder, tmp_path):
+    from clipdalle.pretrained import load
+    from clipdalle.tokenizers.siglip import SiglipTokenizer
+
+    out = tmp_path / "tuned"
+    base = ["train", "clip", "--init", "org/tiny-siglip", "--data", str(shapes_folder), "--out", str(out)]
+    code, _, err = run(capsys, *base, "--steps", "2", "--eval-every", "2", "--save-every", "2", "--batch-size", "4")
+    assert code == 0, err
+    assert (out / "spiece.model").is_file() and (out / "tokenizer_config.json").is_file()
+    code, _, err = run(capsys, "train", "clip", "--data", str(shapes_folder), "--out", str(out), "--resume",
+                       "--steps", "3", "--eval-every", "3", "--save-every", "3", "--batch-size", "4")  # fmt: skip
+    assert code == 0, err
+    model, _, tokenizer = load(out)
+    reference_tokenizer = load("org/tiny-siglip")[2]
+    assert isinstance(tokenizer, SiglipTokenizer) and model.config.architecture == "siglip"
+    assert torch.equal(tokenizer(["a photo of a cat"], 16), reference_tokenizer(["a photo of a cat"], 16))

@@ -195,6 +195,20 @@ class SiglipTokenizer:
         result._fast = tokenizer
         return result
 
+    def save(self, folder: str | Path) -> Path:
+        """Copies the files it was read from into `folder` (a tokenizer_config.json too: `{}` when there was none,
+        which reads back the same), where `from_files` reads them back."""
+        from ..io import atomic_write
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in self.files:
+            data = path.read_bytes()
+            atomic_write(folder / path.name, lambda temporary, data=data: temporary.write_bytes(data))
+        if not (folder / TOKENIZER_CONFIG).is_file():
+            atomic_write(folder / TOKENIZER_CONFIG, lambda temporary: temporary.write_text("{}\n"))
+        return folder
+
     # ------------------------------------------------------------------------------------------ encoding
 
     def encode(self, text: str) -> list[int]:
