@@ -91,7 +91,7 @@ def test_transformers_siglip_repo_by_name(model_server, served_root):
     requests = len(model_server.requests)
     load("org/tiny-siglip")  # every file cached: no request to the Hub
     assert len(model_server.requests) == requests
-    with pytest.raises(ValueError, match="org/missing: no such Hugging Face repo"):
+    with pytest.raises(ValueError, match="org/missing: no such local path, nor Hugging Face repo"):
         load("org/missing")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,17 +76,16 @@ def export_onnx(source: str | Path, out: str | Path, *, quick_gelu: bool | None 
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
     batch = torch.export.Dim("batch", min=1, max=65536)
-    # a CLIP text graph takes rows cut after their last end token (2 ids at least: torch.export fixes sizes of 1)
-    length = config.context_length if config.is_siglip else torch.export.Dim("length", min=2, max=config.context_length)
+    text_shape = {0: batch}  # SigLIP reads whole rows; a CLIP text graph takes rows cut after their last end token
+    if not config.is_siglip:  # (2 ids at least: torch.export fixes dimensions of size 1)
+        text_shape[1] = torch.export.Dim("length", min=2, max=config.context_length)
     images = torch.rand(2, 3, config.image_size, config.image_size)
     text = torch.zeros(2, config.context_length, dtype=torch.long)
     text[:, 0], text[:, 1] = 1, config.vocab_size - 1
     graphs = ((_ImageTower(model), images, "images", "image_features", IMAGE_GRAPH, {0: batch}),
-              (_TextTower(model), text, "text", "text_features", TEXT_GRAPH, {0: batch, 1: length}))  # fmt: skip
+              (_TextTower(model), text, "text", "text_features", TEXT_GRAPH, text_shape))  # fmt: skip
     for tower, example, input_name, output_name, file_name, dynamic in graphs:
         temporary = out / f".{file_name}.tmp"
-        if config.is_siglip:
-            dynamic = {0: batch}
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):  # the exporter prints its progress
             program = torch.onnx.export(
                 tower.eval(),
@@ -116,8 +114,10 @@ def export_onnx(source: str | Path, out: str | Path, *, quick_gelu: bool | None 
             "normalised_inside": {"mean": config.image_mean, "std": config.image_std},
         },
         "text_input": {
-            "name": "text", "shape": ["batch", config.context_length], "dtype": "int64",
-            "rows": "whole rows of context_length ids (SigLIP); CLIP: rows may be cut after their last end token",
+            "name": "text", "dtype": "int64",
+            "shape": ["batch", config.context_length if config.is_siglip else f"length <= {config.context_length}"],
+            "rows": "whole rows as the tokenizer pads them" if config.is_siglip
+            else "rows as the tokenizer pads them, or cut after their last end token (2 ids at least)",
         },
         "outputs": {"image_features": ["batch", config.embed_dim], "text_features": ["batch", config.embed_dim]},
         "probabilities": "sigmoid(exp(logit_scale) * cosine + logit_bias)" if config.loss == "siglip"
@@ -136,8 +136,7 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> str:
     from .tokenizers.siglip import SiglipTokenizer
 
     if isinstance(tokenizer, SiglipTokenizer):
-        for path in tokenizer.files:
-            shutil.copyfile(path, out / path.name)
+        tokenizer.save(out)
         return "siglip"
     raise ValueError(f"export onnx: cannot save a {type(tokenizer).__name__} tokenizer beside the graphs")
 

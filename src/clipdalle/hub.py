@@ -352,7 +352,7 @@ def _quietly(fetch_all: Any, local_only: bool, repo: str) -> Any:
     except GatedRepoError:
         raise ValueError(f"{repo}: a gated Hugging Face repo; accept its terms on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise ValueError(f"{repo}: no such Hugging Face repo (or a private one: set HF_TOKEN)") from None
+        raise ValueError(f"{repo}: no such local path, nor Hugging Face repo (a private one needs HF_TOKEN)") from None
     except OfflineModeIsEnabled:
         raise ValueError(f"{repo}: not cached and huggingface_hub is offline (HF_HUB_OFFLINE=1)") from None
     except (HfHubHTTPError, OSError) as error:
