@@ -309,12 +309,13 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
     import torch
 
-    from . import pretrained, zero_shot
+    from . import zero_shot
+    from .backends import load_encoder
     from .runtime import resolve_device
     from .transforms import BadImage
 
     device = resolve_device(args.device)
-    model, preprocess, tokenizer = pretrained.load(args.clip, device=device)
+    model, preprocess, tokenizer = load_encoder(args.clip, backend=args.backend, device=device)
     labels = read_labels(args)
     templates = [t for t in (args.templates or "").split("|") if t] or None
     paths, images = [], []
@@ -356,10 +357,40 @@ def cmd_probe(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert
 
-    path = convert(
-        args.source, args.out, to=args.to, quick_gelu=args.quick_gelu, trust_torchscript=args.trust_torchscript
-    )
+    path = convert(args.source, args.out, to=args.to, quick_gelu=args.quick_gelu)
     print(f"wrote {path}")
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    from .hub import format_size, list_models
+
+    rows = [row for row in list_models() if row["cached"] or not args.cached]
+    if args.json:
+        print_json(rows)
+        return
+    width = max((len(row["name"]) for row in rows), default=4)
+    print(f"{'NAME':<{width}}  {'SOURCE':<12}  {'CACHED':<6}  SIZE")
+    for row in rows:
+        size = format_size(row["size_bytes"]) if row["cached"] else "-"
+        print(f"{row['name']:<{width}}  {row['source']:<12}  {'yes' if row['cached'] else 'no':<6}  {size}")
+
+
+def cmd_models_download(args: argparse.Namespace) -> None:
+    from .hub import format_size, offline, resolve
+
+    if offline():
+        raise ValueError("models download: offline mode is on (HF_HUB_OFFLINE or CLIPDALLE_OFFLINE); unset it first")
+    for name in args.names:
+        files = resolve(name, fetch="refresh")
+        size = sum(path.stat().st_size for path in files.files)
+        print(f"{name}: {files.path} ({format_size(size)})")
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from .backends import export_onnx
+
+    out = export_onnx(args.clip, args.out, quick_gelu=args.quick_gelu)
+    print(f"wrote {out} (image.onnx, text.onnx, the tokenizer, clipdalle_onnx.json)")
 
 
 def cmd_guide(args: argparse.Namespace) -> None:
@@ -407,8 +438,9 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
     device = str(resolve_device(args.device))
     info = build_index(
-        args.clip, args.data, args.out, batch_size=args.batch_size, num_workers=args.num_workers, device=device
-    )
+        args.clip, args.data, args.out, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+        backend=args.backend,
+    )  # fmt: skip
     if info:
         print_json(info)
 
@@ -417,7 +449,8 @@ def cmd_index_add(args: argparse.Namespace) -> None:
     from .index import add_to_index
     from .runtime import resolve_device
 
-    print_json(add_to_index(args.index, args.data, batch_size=args.batch_size, device=str(resolve_device(args.device))))
+    device = str(resolve_device(args.device))
+    print_json(add_to_index(args.index, args.data, batch_size=args.batch_size, device=device, backend=args.backend))
 
 
 def cmd_index_remove(args: argparse.Namespace) -> None:
@@ -450,7 +483,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise ValueError('search: give a text query ("a cat wearing sunglasses") or --image FILE, not both')
     results = search(
         args.index, text=args.query, image=args.image, k=args.k, min_score=args.min_score,
-        device=str(resolve_device(args.device)),
+        device=str(resolve_device(args.device)), backend=args.backend,
     )  # fmt: skip
     if args.json:
         print_json(results)
@@ -464,7 +497,8 @@ def cmd_moderate(args: argparse.Namespace) -> None:
     from .index import moderate
     from .runtime import resolve_device
 
-    report = moderate(args.index, args.concepts, calibrate=args.calibrate, device=str(resolve_device(args.device)))
+    device = str(resolve_device(args.device))
+    report = moderate(args.index, args.concepts, calibrate=args.calibrate, device=device, backend=args.backend)
     if args.json:
         print_json(report)
         return
@@ -515,7 +549,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     if settings.rerank < 1:
         raise ValueError(f"--rerank {settings.rerank}: expected at least 1 candidate per image")
-    models = load_models(args.pipeline_dir, index=args.index, clip=args.clip, dalle=args.dalle, device=settings.device)
+    models = load_models(
+        args.pipeline_dir, index=args.index, clip=args.clip, dalle=args.dalle, device=settings.device,
+        backend=args.backend,
+    )  # fmt: skip
     app = create_app(models, settings)
     loaded = [name for name in ("index", "clip", "dalle") if getattr(models, name) is not None]
     print(f"serving {', '.join(loaded)} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
@@ -547,6 +584,16 @@ def add_training_flags(parser: argparse.ArgumentParser, model_config_class: type
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present)")
+
+
+def add_backend_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnx"),
+        help="where the CLIP runs: torch, onnx (onnxruntime; a model is exported once into the cache), or auto "
+        "(the faster on this CPU, see benchmarks/RESULTS.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -601,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     def sampling_parser(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
         sub = command(commands, name, handler, help_text)
         sub.add_argument("--dalle", required=True, help="DALL·E run (its dVAE and tokenizer come with it)")
-        sub.add_argument("--clip", default=None, help="CLIP run or weights to rerank the samples")
+        sub.add_argument("--clip", default=None, help="CLIP run, weights or model name to rerank the samples")
         sub.add_argument("--out", required=True, help="output folder: NNN.png, grid.png, results.json")
         sub.add_argument("-n", type=int, default=16, help="samples per prompt")
         sub.add_argument("--keep", type=int, default=None, help="best samples kept per prompt (default: all)")
@@ -629,16 +676,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = command(commands, "classify", cmd_classify, "zero-shot classification of images from text labels")
     classify.add_argument("images", nargs="+", help="image files or folders")
-    classify.add_argument("--clip", required=True, help="CLIP: a run directory or OpenAI/open_clip/HF weights")
+    classify.add_argument("--clip", required=True, help="CLIP: a run, OpenAI/open_clip/HF weights or a model name")
     classify.add_argument("--labels", default=None, help="comma-separated labels")
     classify.add_argument("--labels-file", default=None, help="a file with one label per line")
     classify.add_argument("--templates", default=None, help="prompt templates separated by |, e.g. 'a photo of a {}.'")
     classify.add_argument("--top", type=int, default=5, help="labels to show per image")
     classify.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
     add_runtime_flags(classify)
+    add_backend_flag(classify)
 
     probe = command(commands, "probe", cmd_probe, "linear probe and zero-shot accuracy on a labelled dataset")
-    probe.add_argument("--clip", required=True, help="CLIP run or weights")
+    probe.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
     probe.add_argument("--data", required=True, help="labelled data: class-per-folder or CSV image,label")
     probe.add_argument("--val-data", default=None, help="labelled test data (default: a 20 %% hash hold-out)")
     add_runtime_flags(probe)
@@ -648,12 +696,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=("hf", "openai"), help="target layout")
     convert.add_argument("--out", required=True, help="output directory (or .safetensors file for --to openai)")
     convert.add_argument("--quick-gelu", default=None, action=argparse.BooleanOptionalAction, help="activation")
-    convert.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI TorchScript archives (code)")
+
+    models = commands.add_parser("models", help="CLIP and SigLIP models by name").add_subparsers(
+        dest="what", required=True
+    )
+    models_list = command(models, "list", cmd_models_list, "model names clipdalle knows, which are cached, their size")
+    models_list.add_argument("--cached", action="store_true", help="only the models in the caches")
+    models_list.add_argument("--json", action="store_true", help="print a JSON list instead")
+    models_download = command(models, "download", cmd_models_download, "fetch models now, to use them offline later")
+    models_download.add_argument("names", nargs="+", help="model names, e.g. ViT-B/32 google/siglip-base-patch16-224")
+
+    formats = commands.add_parser("export", help="deployment formats").add_subparsers(dest="what", required=True)
+    onnx = command(formats, "onnx", cmd_export_onnx, "the image and text towers as two ONNX graphs (dynamic batch)")
+    onnx.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
+    onnx.add_argument("--out", required=True, help="output folder: image.onnx, text.onnx, tokenizer, settings")
+    onnx.add_argument("--quick-gelu", default=None, action=argparse.BooleanOptionalAction, help="activation")
 
     guide = command(commands, "guide", cmd_guide, "CLIP-guided generation on the dVAE's code grid (VQGAN+CLIP)")
     guide.add_argument("prompt", help="what the image should show")
     guide.add_argument("--vae", default=None, help="dVAE run (default: the --init-dalle run's)")
-    guide.add_argument("--clip", required=True, help="CLIP run or weights")
+    guide.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
     guide.add_argument("--out", required=True, help="output folder (final.png, progress.png)")
     guide.add_argument("--steps", type=int, default=200, help="optimisation steps")
     guide.add_argument("--lr", type=float, default=0.2, help="Adam learning rate on the code logits")
@@ -665,17 +727,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="what", required=True
     )
     build = command(index, "build", cmd_index_build, "embed a collection with CLIP into a searchable index")
-    build.add_argument("--clip", required=True, help="CLIP run or weights")
+    build.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
     build.add_argument("--data", required=True, help="images: folder (captions optional), shards or manifest")
     build.add_argument("--out", required=True, help="index folder")
     build.add_argument("--batch-size", type=int, default=256, help="images embedded at once")
     build.add_argument("--num-workers", type=int, default=1, help="image-decoding processes")
     add_runtime_flags(build)
+    add_backend_flag(build)
     add = command(index, "add", cmd_index_add, "append images to an index without a rebuild")
     add.add_argument("--index", required=True, help="index folder")
     add.add_argument("--data", required=True, help="images to add")
     add.add_argument("--batch-size", type=int, default=256, help="images embedded at once")
     add_runtime_flags(add)
+    add_backend_flag(add)
     remove = command(index, "remove", cmd_index_remove, "drop images from an index by id")
     remove.add_argument("--index", required=True, help="index folder")
     remove.add_argument("--ids", required=True, help="comma-separated ids")
@@ -693,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--min-score", type=float, default=None, help="drop results below this cosine")
     search.add_argument("--json", action="store_true", help="print a JSON list of {id, path, caption, score}")
     add_runtime_flags(search)
+    add_backend_flag(search)
 
     moderate = command(commands, "moderate", cmd_moderate, "flag images that match text concepts")
     moderate.add_argument("--index", required=True, help="index folder")
@@ -700,11 +765,12 @@ def build_parser() -> argparse.ArgumentParser:
     moderate.add_argument("--calibrate", default=None, help="labels.csv (image,concept; 'none' = clean)")
     moderate.add_argument("--json", action="store_true", help="print the report as JSON")
     add_runtime_flags(moderate)
+    add_backend_flag(moderate)
 
     serve = command(commands, "serve", cmd_serve, "web page, JSON API and OpenAI-compatible images API")
     serve.add_argument("pipeline_dir", nargs="?", default=None, help="a pipeline output with index/, clip/, dalle/")
     serve.add_argument("--index", default=None, help="index folder (search, similar, thumbnails)")
-    serve.add_argument("--clip", default=None, help="CLIP run (default: the index's) for classify, moderate, reranking")
+    serve.add_argument("--clip", default=None, help="CLIP run or model name (default: the index's)")
     serve.add_argument("--dalle", default=None, help="DALL·E run (its dVAE and tokenizer come with it) to generate")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -716,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rerank", type=int, default=4, help="OpenAI routes: each image is the best of K (with CLIP)")
     serve.add_argument("--max-queue", type=int, default=8, help="generation requests admitted at once; more get 503")
     add_runtime_flags(serve)
+    add_backend_flag(serve)
 
     pipeline = command(commands, "pipeline", cmd_pipeline, "run a multi-stage job (the demo) end to end")
     pipeline.add_argument("--preset", default="demo", help="pipeline preset in configs/ (demo, small, ml6)")

@@ -93,10 +93,12 @@ def load_models(
     clip: str | Path | None = None,
     dalle: str | Path | None = None,
     device: str = "cpu",
+    backend: str = "auto",
 ) -> ServeModels:
     """Loads what a server needs, once. `pipeline_dir` supplies `index/`, `clip/` and `dalle/` (each when present);
     the keyword arguments name the parts directly and take precedence. The index opens with `clip` when given
-    (it must have the weights the index was built with), else with the CLIP run it records."""
+    (it must have the weights the index was built with), else with the CLIP run it records; the CLIP's towers run
+    on `backend` (torch | onnx | auto: clipdalle.backends)."""
     if pipeline_dir is not None:
         root = Path(pipeline_dir)
         if not root.is_dir():
@@ -113,11 +115,11 @@ def load_models(
     if index is not None:
         from ..index import Index
 
-        models.index = Index.open(index, clip=clip, device=device)
+        models.index = Index.open(index, clip=clip, device=device, backend=backend)
     elif clip is not None:
-        from ..pretrained import load
+        from ..backends import load_encoder
 
-        models.clip = load(clip, device=device)
+        models.clip = load_encoder(clip, backend=backend, device=device)
     if dalle is not None:
         from ..checkpoint import load_dalle
         from ..prompts import TrainingPrompts

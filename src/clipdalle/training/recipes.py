@@ -22,10 +22,10 @@ from ..data.loader import Augment, SampleStream, batches, make_loader
 from ..data.sources import is_validation, open_source, resolve_splits
 from ..io import DirectoryLock
 from ..models import CLIP, DALLE, DiscreteVAE
-from ..pretrained import load
+from ..pretrained import load, load_tokenizer, run_tokenizer
 from ..prompts import write_training_prompts
 from ..runtime import barrier, distributed_context, init_distributed, resolve_device
-from ..tokenizers import CaptionTokenizer, ClipTokenizer
+from ..tokenizers import CaptionTokenizer
 from ..tokenizers.caption import MIN_VOCAB_SIZE
 from ..transforms import make_grid
 from . import objectives
@@ -164,8 +164,9 @@ def train_clip(
     out = Path(out)
     rank, _, local_rank = distributed_context()
     init_distributed(resolve_device(config.device, local_rank))
-    if resume and (out / "vocab.json").exists():  # a fine-tuned run keeps its foreign CLIP BPE
-        tokenizer = ClipTokenizer.from_files(out)
+    foreign = run_tokenizer(out, siglip=model_config.is_siglip) if resume else None
+    if foreign is not None and foreign.is_dir():  # a fine-tuned run keeps its foreign tokenizer (CLIP BPE, SigLIP)
+        tokenizer = load_tokenizer(foreign, siglip=model_config.is_siglip)
         model = CLIP(model_config)
     elif init is not None and not resume:
         model, _, tokenizer = load(init)
@@ -202,7 +203,7 @@ def train_clip(
 def _save_tokenizer(tokenizer: Any, out: Path) -> None:
     if isinstance(tokenizer, CaptionTokenizer):
         tokenizer.save(out / checkpoint.TOKENIZER_FILE)
-    else:  # OpenAI's BPE: vocab.json + merges.txt, which clip.load reads back
+    else:  # OpenAI's BPE (vocab.json + merges.txt) or SigLIP's files, which clip.load reads back
         tokenizer.save(out)
 
 
