@@ -67,6 +67,8 @@ def data_streams(
             start_batch=start_batch,
             rank=rank,
             world_size=world,
+            hard_negative_words=tuple(config.hard_negative_words),
+            hard_negative_share=config.hard_negative_share,
         )
 
     def val_batches() -> Iterable[dict]:
