@@ -19,7 +19,7 @@ LAYERS = [
     ["convert"],
     ["pretrained"],
     ["zero_shot"],
-    ["sampling", "guide", "evaluate"],
+    ["sampling", "guide", "evaluate", "caption", "explain"],
     ["training", "index"],
     ["serve", "demo"],
     ["clip", "cli"],

@@ -26,6 +26,7 @@ from .. import __version__
 from .clip_routes import clip_router
 from .common import ApiError, api_key_check, error_bytes, error_content, field_of, one_line
 from .context import ServeContext
+from .describe_routes import describe_router
 from .generation_routes import generation_router
 from .limits import BodySizeLimit, GenerationQueue, QueueFull
 from .models import ServeModels, ServeSettings
@@ -62,7 +63,7 @@ def create_app(models: ServeModels, settings: ServeSettings | None = None) -> Fa
     app.state.queue = queue
     add_error_handlers(app)
     api = APIRouter(prefix="/api", dependencies=[Depends(api_key_check(settings.api_key))])
-    for router in (search_router(context), clip_router(context), generation_router(context)):
+    for router in (search_router(context), clip_router(context), generation_router(context), describe_router(context)):
         api.include_router(router)
     app.include_router(api)
     app.include_router(openai_router(context))

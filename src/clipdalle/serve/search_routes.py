@@ -43,6 +43,30 @@ def read_indexed_image(path: str) -> bytes:
     raise FileNotFoundError(path)
 
 
+def result_items(context: ServeContext, hits: list[dict]) -> list[dict]:
+    """Index hits ({"id", "caption", "score"}) as SearchItem dicts, those removed since the search left out."""
+    index = context.need_index()
+    with index.lock:
+        rows = index.rows(hit["id"] for hit in hits)
+    results = []
+    for hit in hits:
+        row = rows.get(hit["id"])
+        if row is None:  # removed between the search and now
+            continue
+        results.append(
+            {
+                "id": hit["id"],
+                "caption": first_caption(hit["caption"]),
+                "score": float(hit["score"]),
+                "width": int(row["width"]),
+                "height": int(row["height"]),
+                "thumbnail": f"/api/images/{hit['id']}?size=thumb",
+                "url": f"/api/images/{hit['id']}",
+            }
+        )
+    return results
+
+
 def search_router(context: ServeContext) -> APIRouter:
     router = APIRouter()
     models, settings = context.models, context.settings
@@ -50,26 +74,7 @@ def search_router(context: ServeContext) -> APIRouter:
     thumbnails_lock = threading.Lock()
 
     def items(hits: list[dict]) -> list[dict]:
-        index = context.need_index()
-        with index.lock:
-            rows = index.rows(hit["id"] for hit in hits)
-        results = []
-        for hit in hits:
-            row = rows.get(hit["id"])
-            if row is None:  # removed between the search and now
-                continue
-            results.append(
-                {
-                    "id": hit["id"],
-                    "caption": first_caption(hit["caption"]),
-                    "score": float(hit["score"]),
-                    "width": int(row["width"]),
-                    "height": int(row["height"]),
-                    "thumbnail": f"/api/images/{hit['id']}?size=thumb",
-                    "url": f"/api/images/{hit['id']}",
-                }
-            )
-        return results
+        return result_items(context, hits)
 
     @router.get("/info", response_model=Info, summary="what this server can do, and its limits")
     def info() -> dict:
