@@ -52,7 +52,11 @@ def describe_router(context: ServeContext) -> APIRouter:
     @router.post("/caption", response_model=Caption, summary="a caption for an uploaded image")
     async def caption_image(
         image: Annotated[UploadFile, File(description="the image")],
-        labels: str = Form("", description="label tables: one term per line, [table] headers, template: lines"),
+        labels: str = Form(
+            "",
+            description="label tables: one term per line, [table] headers, template: lines (only "
+            "template: lines: they cut the index's captions)",
+        ),
         templates: str = Form("", description="without labels: templates cutting the index's captions into tables"),
         method: Literal["auto", "clip", "captioner"] = Form("auto", description="auto: the captioner when loaded"),
     ) -> dict:
@@ -71,10 +75,13 @@ def describe_router(context: ServeContext) -> APIRouter:
             return caption.rank_terms(clip[0], clip[2], pixels, tables())[0]
 
         def tables() -> caption.LabelTables:
+            lines = [line.strip() for line in templates.splitlines() if line.strip()]
+            given = [line.strip() for line in labels.splitlines() if line.strip() and not line.strip().startswith("#")]
+            if given and all(line.startswith("template:") for line in given):  # templates alone: cut the index
+                lines, given = [line[len("template:") :].strip() for line in given], []
             try:
-                if labels.strip():
+                if given:
                     return caption.parse_label_tables(labels, "labels")
-                lines = [line.strip() for line in templates.splitlines() if line.strip()]
                 if models.index is not None:
                     return caption.tables_from_captions(caption_lines(), lines)
                 if lines:
