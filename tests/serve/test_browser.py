@@ -3,8 +3,8 @@ serving a tiny index, CLIP and DALL·E. What a user does: search, click a result
 draw a box and inpaint, unlock a server that wants an API key."""
 
 import contextlib
-import re
 import os
+import re
 import socket
 import threading
 import time
