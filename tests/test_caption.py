@@ -5,10 +5,19 @@ import json
 
 import pytest
 import torch
-from helpers import FLAT_COLOURS, WORDS, WordTokenizer, assert_one_line_error, colour_images, run, train_colour_clip
+from helpers import (
+    FLAT_COLOURS,
+    WORDS,
+    WordTokenizer,
+    assert_one_line_error,
+    colour_images,
+    fit_captioner,
+    run,
+    train_colour_clip,
+)
 
 from clipdalle import caption
-from clipdalle.models.captioner import Captioner, CaptionerConfig, loss
+from clipdalle.models.captioner import Captioner, CaptionerConfig
 from clipdalle.tokenizers import CaptionTokenizer
 
 LABELS = """# colours and things
@@ -74,14 +83,8 @@ def overfit_captioner():
     model = Captioner(CaptionerConfig(text_length=8, text_vocab_size=270, image_vocab_size=8, grid_size=2, n_layer=2,
                                       n_head=2, n_embd=32))  # fmt: skip
     codes = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
-    text = tokenizer(captions, 8)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        value = loss(model, codes, text)
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-    return model.eval(), tokenizer, codes, captions
+    fit_captioner(model, codes, tokenizer(captions, 8), steps=120)
+    return model, tokenizer, codes, captions
 
 
 def test_greedy_sampling_writes_the_learned_captions(overfit_captioner):

@@ -300,26 +300,15 @@ def read_labels(args: argparse.Namespace) -> list[str]:
 def cmd_classify(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
     from . import pretrained, zero_shot
     from .runtime import resolve_device
-    from .transforms import BadImage
 
     device = resolve_device(args.device)
     model, preprocess, tokenizer = pretrained.load(args.clip, device=device)
     labels = read_labels(args)
     templates = [t for t in (args.templates or "").split("|") if t] or None
-    paths, images = [], []
-    for path in image_paths(args.images):
-        try:
-            images.append(preprocess(path))
-            paths.append(path)
-        except BadImage as error:
-            print(f"skipped: {error}", file=sys.stderr)
-    if not images:
-        raise ValueError("classify: none of the given images could be read")
-    probabilities = zero_shot.classify(model, torch.stack(images).to(device), labels, tokenizer, templates).cpu()
+    paths, images = read_images(image_paths(args.images), preprocess, "classify")
+    probabilities = zero_shot.classify(model, images.to(device), labels, tokenizer, templates).cpu()
     top = min(args.top, len(labels))
     results = []
     for path, row in zip(paths, probabilities):
@@ -336,7 +325,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
         print(f"{result['image']}: {ranked}")
 
 
-def read_images(paths: list[Path], preprocess: Callable) -> tuple[list[Path], Any]:
+def read_images(paths: list[Path], preprocess: Callable, command: str) -> tuple[list[Path], Any]:
     """(the readable paths, their model inputs (N, 3, S, S)); unreadable images are reported and skipped."""
     import torch
 
@@ -350,7 +339,7 @@ def read_images(paths: list[Path], preprocess: Callable) -> tuple[list[Path], An
         except BadImage as error:
             print(f"skipped: {error}", file=sys.stderr)
     if not images:
-        raise ValueError("none of the given images could be read")
+        raise ValueError(f"{command}: none of the given images could be read")
     return kept, torch.stack(images)
 
 
@@ -378,7 +367,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     clip = pretrained.load(args.clip, device=device)
     model, preprocess, tokenizer = clip
-    paths, images = read_images(image_paths(args.images), preprocess)
+    paths, images = read_images(image_paths(args.images), preprocess, "caption")
     if args.captioner:
         if args.labels or args.index:
             raise ValueError("caption: --captioner writes captions itself; drop --labels / --index")
@@ -416,7 +405,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     model, preprocess, tokenizer = pretrained.load(args.clip, device=device)
-    _, images = read_images([Path(args.image)], preprocess)
+    _, images = read_images([Path(args.image)], preprocess, "explain")
     result = explain_image(model, tokenizer, images[0], args.text, method=args.method)
     out = Path(args.out)
     picture = overlay(images[0], heat(torch.tensor(result["relevance"])), size=max(args.size, images.shape[-1]))
@@ -840,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--index", required=True, help="index folder")
     duplicates = command(index, "duplicates", cmd_index_duplicates, "groups of near-duplicate images")
     duplicates.add_argument("--index", required=True, help="index folder")
-    duplicates.add_argument("--threshold", type=float, default=None, help="cosine above which two images pair up")
+    duplicates.add_argument("--threshold", type=float, default=None, help="cosine above which two pair (default 0.97)")
     duplicates.add_argument("--json", action="store_true", help="print the groups as JSON")
     add_runtime_flags(duplicates)
     sync = command(index, "sync", cmd_index_sync, "embed new and changed files of a folder, drop deleted ones")

@@ -235,6 +235,46 @@ def corpus_bleu(hypotheses: list[str], references: list[list[str]], max_n: int =
     return brevity * math.exp(log_precision)
 
 
+def cider_d(hypotheses: list[str], references: list[list[str]], max_n: int = 4, sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D (Vedantam et al. 2015, as coco-caption computes it): per n-gram order, the cosine of TF-IDF
+    vectors with the hypothesis's counts clipped to the reference's and a Gaussian penalty on the length
+    difference, averaged over orders and references, times 10; the IDF comes from the references of the corpus.
+    Unlike BLEU it weighs words by rarity, so a right rare word (an icon's name) counts more than "a" or "icon"."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"cider_d: {len(hypotheses)} hypotheses for {len(references)} reference lists")
+
+    def counts(text: str) -> list[Counter]:
+        words = text.lower().split()
+        return [_ngrams(words, n) for n in range(1, max_n + 1)]
+
+    reference_counts = [[counts(ref) for ref in refs] for refs in references]
+    frequency: Counter = Counter()  # n-gram -> images whose references hold it
+    for refs in reference_counts:
+        frequency.update({gram for ref in refs for order in ref for gram in order})
+    log_images = math.log(float(len(references)))
+
+    def vector(grams: list[Counter]) -> tuple[list[dict], list[float], int]:
+        weights = [
+            {g: c * (log_images - math.log(max(1.0, frequency[g]))) for g, c in order.items()} for order in grams
+        ]
+        norms = [math.sqrt(sum(value * value for value in order.values())) for order in weights]
+        return weights, norms, sum(grams[0].values())
+
+    total = 0.0
+    for hypothesis, refs in zip(hypotheses, reference_counts):
+        hyp, hyp_norms, hyp_length = vector(counts(hypothesis))
+        score = 0.0
+        for ref_grams in refs:
+            ref, ref_norms, ref_length = vector(ref_grams)
+            penalty = math.exp(-((hyp_length - ref_length) ** 2) / (2 * sigma**2))
+            for n in range(max_n):
+                dot = sum(min(value, ref[n].get(g, 0.0)) * ref[n].get(g, 0.0) for g, value in hyp[n].items())
+                if hyp_norms[n] and ref_norms[n]:
+                    score += penalty * dot / (hyp_norms[n] * ref_norms[n]) / max_n
+        total += 10.0 * score / len(refs)
+    return total / len(hypotheses)
+
+
 # ------------------------------------------------------------------------------------------ linear probe
 
 

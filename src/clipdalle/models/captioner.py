@@ -20,14 +20,13 @@ decoding fast paths stay as they are. The loss is the cross-entropy of the capti
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import KVCache, LayerNorm, Transformer
+from .layers import KVCache, LayerNorm, Transformer, init_gpt2_
 
 PAD_ID = 0  # the caption tokenizer's <pad>: never a target
 
@@ -98,19 +97,9 @@ class Captioner(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """GPT-2's initialisation, as DALL·E's: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for parameter in (self.row_position_embedding, self.column_position_embedding, self.text_position_embedding):
-            nn.init.normal_(parameter, std=0.02)
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=0.02)
-            nn.init.zeros_(block.attn.in_proj_bias)
-            for projection in (block.attn.out_proj, block.mlp.c_proj):
-                nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        """GPT-2's initialisation, as DALL·E's (clipdalle.models.layers.init_gpt2_)."""
+        positions = [self.row_position_embedding, self.column_position_embedding, self.text_position_embedding]
+        init_gpt2_(self, self.transformer, positions)
 
     # -------------------------------------------------------------------------------------- embeddings
 

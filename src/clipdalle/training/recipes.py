@@ -208,13 +208,15 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
 
 class CodeData(NamedTuple):
     """What a model trained on a token cache needs: the run's dVAE, its caption tokenizer, the model config with
-    the dVAE's sizes, and the batch functions for `train` (batches carry "codes" and captions)."""
+    the dVAE's sizes, the batch functions for `train` (batches carry "codes" and captions) and `with_text`, which
+    adds a batch's token ids as "text" (B, text_length)."""
 
     vae: torch.nn.Module
     tokenizer: Any
     model_config: Any
     train_batches: Iterator[dict]
     val_batches: Callable[[], Iterable[dict]]
+    with_text: Callable[[dict], dict]
 
 
 def prepare_codes(
@@ -228,12 +230,13 @@ def prepare_codes(
     tokens: str | Path | None,
     val_data: str | Path | None,
     resume: bool,
-    device: torch.device,
 ) -> CodeData:
-    """The dVAE copied into RUN/vae/ (a run refuses a different dVAE later), image_vocab_size and grid_size taken
-    from it, the caption tokenizer (`prepare_tokenizer`), and the dataset's codes cached in `tokens` (default
-    RUN/tokens/) and reused while the dVAE and the data are the same."""
-    rank, world, _ = distributed_context()
+    """The process group started, the dVAE copied into RUN/vae/ (a run refuses a different dVAE later),
+    image_vocab_size and grid_size taken from it, the caption tokenizer (`prepare_tokenizer`), and the dataset's
+    codes cached in `tokens` (default RUN/tokens/) and reused while the dVAE and the data are the same."""
+    rank, world, local_rank = distributed_context()
+    device = resolve_device(config.device, local_rank)
+    init_distributed(device)
     vae_dir = out / "vae"
     if rank == 0:
         if (vae_dir / checkpoint.WEIGHTS_FILE).exists():
@@ -289,7 +292,14 @@ def prepare_codes(
         )
         return make_loader(stream, num_workers=0)
 
-    return CodeData(vae, tokenizer, model_config, batches(train_stream, config.num_workers), val_batches)
+    text_length = model_config.text_length
+
+    def with_text(batch: dict) -> dict:
+        if "text" not in batch:
+            batch["text"] = tokenizer(batch["captions"], text_length).to(batch["codes"].device)
+        return batch
+
+    return CodeData(vae, tokenizer, model_config, batches(train_stream, config.num_workers), val_batches, with_text)
 
 
 def train_dalle(
@@ -308,18 +318,10 @@ def train_dalle(
     each evaluation reports validation loss in bits per image token and writes samples for fixed validation
     captions."""
     out = Path(out)
-    _, _, local_rank = distributed_context()
-    device = resolve_device(config.device, local_rank)
-    init_distributed(device)
-    vae, tokenizer, model_config, train_batches, val_batches = prepare_codes(
+    vae, tokenizer, model_config, train_batches, val_batches, with_text = prepare_codes(
         data, out, model_config, config, vae_run=vae_run, tokenizer_path=tokenizer_path, tokens=tokens,
-        val_data=val_data, resume=resume, device=device,
+        val_data=val_data, resume=resume,
     )  # fmt: skip
-
-    def with_text(batch: dict) -> dict:
-        if "text" not in batch:
-            batch["text"] = tokenizer(batch["captions"], model_config.text_length).to(batch["codes"].device)
-        return batch
 
     def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         return objectives.dalle_loss(model, with_text(batch), progress)
@@ -353,18 +355,10 @@ def train_captioner(
     encoded once by the dVAE in `vae_run` (see `prepare_codes`); each evaluation reports the validation caption
     loss (nats per token) and its perplexity."""
     out = Path(out)
-    _, _, local_rank = distributed_context()
-    device = resolve_device(config.device, local_rank)
-    init_distributed(device)
-    _, tokenizer, model_config, train_batches, val_batches = prepare_codes(
+    _, _, model_config, train_batches, val_batches, with_text = prepare_codes(
         data, out, model_config, config, vae_run=vae_run, tokenizer_path=tokenizer_path, tokens=tokens,
-        val_data=val_data, resume=resume, device=device,
+        val_data=val_data, resume=resume,
     )  # fmt: skip
-
-    def with_text(batch: dict) -> dict:
-        if "text" not in batch:
-            batch["text"] = tokenizer(batch["captions"], model_config.text_length).to(batch["codes"].device)
-        return batch
 
     def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         return objectives.captioner_loss(model, with_text(batch), progress)
