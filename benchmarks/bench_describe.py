@@ -48,10 +48,13 @@ TEMPLATES = [  # the five phrasings of data/icons.captions_for, most specific fi
 ]
 
 
-def val_icons(data: Path) -> dict:
-    """Every validation icon: {"names", "colours", "captions" (5 each), "images" (N, 3, 32, 32), "pngs" (bytes)}."""
+def val_icons(data: Path, split: str = "val", every: int = 1) -> dict:
+    """Every validation icon (or every `every`-th icon of `split`): {"names", "colours", "captions" (5 each),
+    "images" (N, 3, 32, 32), "pngs" (bytes)}."""
     found = {"names": [], "colours": [], "captions": [], "images": [], "pngs": []}
-    for record in open_source(data / "val", captions="required"):
+    for number, record in enumerate(open_source(data / split, captions="required")):
+        if number % every:
+            continue
         name, colour = record.key.split("/")[-1].split("__")
         found["names"].append(name)
         found["colours"].append(colour)
@@ -121,24 +124,35 @@ def measure_captions(args: argparse.Namespace) -> dict:
         for label, hypotheses in constants.items()
     }
     if args.captioner:
-        clip = pretrained.load(args.clip)
-        captioner = caption.load_captioner(args.captioner)
-        started = time.perf_counter()
-        sampled = []
-        for start in range(0, len(images), 64):
-            sampled += caption.captioner_captions(clip, captioner, images[start : start + 64], n=args.n, seed=0)
-        hypotheses = [result["caption"] for result in sampled]
-        results["captioner"] = {
-            "samples": args.n,
-            "colour_right": float(np.mean([f" {c} " in f" {h} " for h, c in zip(hypotheses, colours)])),
-            "name_right": float(np.mean([f" {t} " in f" {h} " for h, t in zip(hypotheses, things)])),
-            "exactly_a_true_caption": float(np.mean([h in refs for h, refs in zip(hypotheses, references)])),
-            "bleu4": corpus_bleu(hypotheses, references),
-            "cider_d": cider_d(hypotheses, references),
-            "seconds": round(time.perf_counter() - started, 1),
-            "examples": hypotheses[:5],
-        }
+        results["captioner"] = measure_captioner(args, images, colours, things, references)
+        seen = val_icons(Path(args.data), "train", every=args.seen_every)  # families the captioner trained on
+        seen_things = [name.replace("-", " ") for name in seen["names"]]
+        results["captioner_seen_icons"] = measure_captioner(
+            args, seen["images"], seen["colours"], seen_things, seen["captions"]
+        )
     return results
+
+
+def measure_captioner(args: argparse.Namespace, images, colours, things, references) -> dict:
+    """The captioner's captions (n samples each, reranked by CLIP): colour and name contained, BLEU-4, CIDEr-D."""
+    clip = pretrained.load(args.clip)
+    captioner = caption.load_captioner(args.captioner)
+    started = time.perf_counter()
+    sampled = []
+    for start in range(0, len(images), 64):
+        sampled += caption.captioner_captions(clip, captioner, images[start : start + 64], n=args.n, seed=0)
+    hypotheses = [result["caption"] for result in sampled]
+    return {
+        "images": len(hypotheses),
+        "samples": args.n,
+        "colour_right": float(np.mean([f" {c} " in f" {h} " for h, c in zip(hypotheses, colours)])),
+        "name_right": float(np.mean([f" {t} " in f" {h} " for h, t in zip(hypotheses, things)])),
+        "exactly_a_true_caption": float(np.mean([h in refs for h, refs in zip(hypotheses, references)])),
+        "bleu4": corpus_bleu(hypotheses, references),
+        "cider_d": cider_d(hypotheses, references),
+        "seconds": round(time.perf_counter() - started, 1),
+        "examples": hypotheses[:5],
+    }
 
 
 # ------------------------------------------------------------------------------------------ pointing game
@@ -395,6 +409,7 @@ def main() -> None:
     parser.add_argument("--index", help="index of the validation icons (the demo's)")
     parser.add_argument("--captioner", default=None, help="caption: also measure this captioner run")
     parser.add_argument("-n", type=int, default=16, help="caption: captioner samples per image")
+    parser.add_argument("--seen-every", type=int, default=100, help="caption: every n-th training icon, seen families")
     parser.add_argument("--canvases", type=int, default=500, help="explain: canvases per setting")
     parser.add_argument("--sources", type=int, default=500, help="duplicates: icons copied")
     parser.add_argument("--thresholds", type=float, nargs="+",

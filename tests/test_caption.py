@@ -162,3 +162,19 @@ def test_cli_trains_a_captioner_and_captions_a_folder_both_ways(capsys, tiny_run
         str(labels),
     )
     assert_one_line_error(code, err, "drop --labels")
+
+
+def test_text_feature_cache_encodes_each_text_once_and_keeps_the_latest(monkeypatch):
+    model, _ = train_colour_clip("contrastive")
+    encoded = []
+    real = caption.encode_texts
+    monkeypatch.setattr(
+        caption, "encode_texts", lambda m, t, texts: (encoded.append(list(texts)), real(m, t, texts))[1]
+    )
+    cache = caption.TextFeatureCache(model, WordTokenizer(WORDS), size=2)
+    first = cache(["a red icon", "a blue icon", "a red icon"])
+    assert first.shape == (3, model.config.embed_dim) and torch.equal(first[0], first[2])
+    cache(["a blue icon"])
+    assert encoded == [["a red icon", "a blue icon"]]  # nothing encoded twice
+    cache(["a green icon"])
+    assert list(cache.known) == ["a blue icon", "a green icon"]  # the least recently used went first

@@ -30,6 +30,8 @@ Lines starting with # are comments. A file without `[name]` headers is one table
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,22 +186,30 @@ def vocabulary_table(tokenizer: Any) -> LabelTables:
 # ------------------------------------------------------------------------------------------ CLIP ranking
 
 
-class _TextFeatures:
-    """Unit features of texts, each encoded once per call of `rank_terms`."""
+class TextFeatureCache:
+    """Unit CLIP features of texts, each encoded once: the terms and filled templates `rank_terms` scores repeat
+    within a call and, on a server, across requests. Keeps the `size` most recently used texts; thread-safe."""
 
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model, self.tokenizer = model, tokenizer
-        self.known: dict[str, torch.Tensor] = {}
+    def __init__(self, model: Any, tokenizer: Any, size: int = 100_000):
+        self.model, self.tokenizer, self.size = model, tokenizer, size
+        self.known: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.lock = threading.Lock()
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        missing = [text for text in dict.fromkeys(texts) if text not in self.known]
-        if missing:
-            for text, feature in zip(missing, encode_texts(self.model, self.tokenizer, missing).float().cpu()):
-                self.known[text] = feature
-        return torch.stack([self.known[text] for text in texts])  # (N, D)
+        with self.lock:
+            missing = [text for text in dict.fromkeys(texts) if text not in self.known]
+        encoded = encode_texts(self.model, self.tokenizer, missing).float().cpu() if missing else []
+        with self.lock:
+            self.known.update(zip(missing, encoded))
+            found = {text: self.known[text] for text in texts}  # held here: a trim below cannot lose them
+            for text in found:
+                self.known.move_to_end(text)
+            while len(self.known) > max(self.size, len(found)):
+                self.known.popitem(last=False)
+        return torch.stack([found[text] for text in texts])  # (N, D)
 
 
-def _ensemble(features: _TextFeatures, templates: list[str], contexts: list[dict[str, str]]) -> torch.Tensor:
+def _ensemble(features: TextFeatureCache, templates: list[str], contexts: list[dict[str, str]]) -> torch.Tensor:
     """Per context (a full assignment of the slots), the mean of its templates' features, renormalised: (N, D)."""
     texts = [fill(template, context) for context in contexts for template in templates]
     stacked = features(texts).view(len(contexts), len(templates), -1)  # (N, N_tpl, D)
@@ -213,12 +223,14 @@ def rank_terms(
     tables: LabelTables,
     passes: int = PASSES,
     top: int = TOP_TERMS,
+    cache: TextFeatureCache | None = None,
 ) -> list[dict[str, Any]]:
     """CLIP-ranked captions of images (B, 3, H, W) in [0, 1] (see the module's docstring): per image {"caption",
-    "score" (cosine of the image and the caption), "method": "clip", "terms": {table: [{"term", "score"}]}}."""
+    "score" (cosine of the image and the caption), "method": "clip", "terms": {table: [{"term", "score"}]}}.
+    `cache`: the model's text features kept between calls (a server's)."""
     model = unwrap(model)
     image_features = encode_images(model, images).float().cpu()  # (B, D)
-    features = _TextFeatures(model, tokenizer)
+    features = cache if cache is not None else TextFeatureCache(model, tokenizer)
     names = list(tables.tables)
     scores: dict[str, torch.Tensor] = {}  # table -> (B, N_terms) cosines of the latest round
     for name in names:
@@ -251,7 +263,7 @@ def rank_terms(
 
 def _scores_in_context(
     image_features: torch.Tensor,
-    features: _TextFeatures,
+    features: TextFeatureCache,
     tables: LabelTables,
     scores: dict[str, torch.Tensor],
     name: str,

@@ -21,11 +21,14 @@ from .search_routes import MAX_ID, first_caption, read_indexed_image, result_ite
 OVERLAY_SIZE = 128  # side of /api/explain's overlay picture in pixels: a search card's thumbnail
 MAX_GROUPS = 200  # duplicate groups returned at most per request
 MAX_UPLOADS = 4  # images a combined query may upload (@1 .. @4)
+MAX_TERMS = 20_000  # terms of all label tables one /api/caption request may score (each a CLIP text forward once)
 
 
 def describe_router(context: ServeContext) -> APIRouter:
     router = APIRouter()
     models = context.models
+    clip = models.clip
+    text_features = None if clip is None else caption.TextFeatureCache(clip[0], clip[2])  # terms repeat across requests
 
     def parse_terms(text: str) -> list[query.Term]:
         context.check_text("q", text)
@@ -72,7 +75,15 @@ def describe_router(context: ServeContext) -> APIRouter:
             pixels = clip[1](context.decode(data, name))[None]  # (1, 3, S, S)
             if use_captioner:
                 return caption.captioner_captions(clip, models.captioner, pixels)[0]
-            return caption.rank_terms(clip[0], clip[2], pixels, tables())[0]
+            chosen = tables()
+            terms = sum(len(values) for values in chosen.tables.values())
+            if terms > MAX_TERMS:
+                raise ApiError(
+                    422,
+                    f"the label tables hold {terms} terms, more than this server scores per request ({MAX_TERMS}); "
+                    "give labels, or templates that cut the index's captions into smaller tables",
+                )
+            return caption.rank_terms(clip[0], clip[2], pixels, chosen, cache=text_features)[0]
 
         def tables() -> caption.LabelTables:
             lines = [line.strip() for line in templates.splitlines() if line.strip()]
