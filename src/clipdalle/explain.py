@@ -177,8 +177,9 @@ def relevance_maps(
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
         raise ValueError(f"explain: expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
     device = device_of(model)
-    text_features = text_features.to(device).float().expand(images.shape[0], -1)  # (B, D)
-    pixels = ((images.to(device) - model.image_mean) / model.image_std).requires_grad_(True)  # a graph to differentiate
+    text_features = text_features.to(device, model.positional_embedding.dtype).expand(images.shape[0], -1)  # (B, D)
+    pixels = (images.to(device) - model.image_mean) / model.image_std
+    pixels = pixels.to(model.positional_embedding.dtype).requires_grad_(True)  # a graph to differentiate
     kind = ("resnet" if model.config.is_resnet else "vit", method)
     compute = {
         ("vit", "gradient"): _vit_gradient,

@@ -113,6 +113,8 @@ def _plan(root: str, known: dict[str, tuple[int, int, str]], stored: set[str]) -
     counts = {"added": 0, "changed": 0, "unchanged": 0}
     to_embed: dict[str, Record] = {}
     for record in source:
+        if record.path is None:
+            raise ValueError(f"{root}: holds .tar shards, not image files; sync follows a folder of images")
         path = os.path.abspath(record.path)
         stat = os.stat(path)
         size, mtime = stat.st_size, stat.st_mtime_ns
@@ -175,7 +177,8 @@ def _sync(index: store.Index, root: str, *, batch_size: int, num_workers: int) -
     plan = _plan(root, known, stored)
 
     chunk_dir = index.path / store.CHUNKS_DIR
-    listing = json.dumps([[str(record.path), sha256] for sha256, record in plan["records"]]).encode()
+    # the chunks' contents depend on the files, the batch size and the loader workers (as a build's plan)
+    listing = json.dumps([batch_size, num_workers, [[str(r.path), sha256] for sha256, r in plan["records"]]]).encode()
     prefix = f"sync-{hashlib.sha256(listing).hexdigest()[:12]}-"
     if chunk_dir.is_dir():  # chunks of an earlier, different sync plan are stale
         for stale in chunk_dir.glob("sync-*"):
