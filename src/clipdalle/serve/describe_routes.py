@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from .. import caption, explain
 from ..index import duplicates, query
+from ..index.store import stored_captions
 from .common import ApiError, data_url, png_bytes
 from .context import ServeContext
 from .describe_schemas import Caption, Duplicates, Explanation
@@ -94,7 +95,7 @@ def describe_router(context: ServeContext) -> APIRouter:
                 if given:
                     return caption.parse_label_tables(labels, "labels")
                 if models.index is not None:
-                    return caption.tables_from_captions(caption_lines(), lines)
+                    return caption.tables_from_captions(stored_captions(models.index), lines)
                 if lines:
                     raise ValueError("templates: cut an index's captions; this server has no index, give labels")
                 return caption.vocabulary_table(clip[2])
@@ -102,11 +103,6 @@ def describe_router(context: ServeContext) -> APIRouter:
                 raise ApiError(422, str(error)) from None
 
         return await run_in_threadpool(work)
-
-    def caption_lines() -> list[str]:
-        from ..index.store import stored_captions
-
-        return stored_captions(models.index)
 
     # -------------------------------------------------------------------------------------- explain
 
