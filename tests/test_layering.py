@@ -20,7 +20,7 @@ LAYERS = [
     ["pretrained"],
     ["backends"],
     ["zero_shot"],
-    ["sampling", "guide", "evaluate", "prompts"],
+    ["sampling", "guide", "evaluate", "prompts", "caption", "explain"],
     ["training", "index"],
     ["serve", "demo"],
     ["clip", "cli"],

@@ -228,7 +228,15 @@ def checkpoint_step(run_dir: str | Path) -> int | None:
 
 def load_dalle(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """A DALL·E run as (transformer, its dVAE from RUN/vae, its caption tokenizer), in eval mode."""
+    return load_code_model(run_dir, expect="dalle", device=device)
+
+
+def load_code_model(
+    run_dir: str | Path, expect: str, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """A run of a model trained on dVAE codes and captions (`expect`: dalle, captioner) as (model, its dVAE from
+    RUN/vae, its caption tokenizer), in eval mode."""
     run_dir = Path(run_dir)
-    model = load_model(run_dir, expect="dalle", device=device)
+    model = load_model(run_dir, expect=expect, device=device)
     vae = load_model(run_dir / "vae", expect="dvae", device=device)
     return model, vae, CaptionTokenizer.load(run_dir / TOKENIZER_FILE)

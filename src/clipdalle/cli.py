@@ -141,6 +141,16 @@ def cmd_train_dalle(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train_captioner(args: argparse.Namespace) -> None:
+    from .models.captioner import CaptionerConfig
+    from .training import train_captioner
+
+    run_training(
+        args, CaptionerConfig, "captioner", train_captioner, vae_run=args.vae, tokenizer_path=args.tokenizer,
+        tokens=args.tokens,
+    )  # fmt: skip
+
+
 def cmd_tokens_cache(args: argparse.Namespace) -> None:
     from . import checkpoint
     from .runtime import resolve_device
@@ -307,27 +317,16 @@ def read_labels(args: argparse.Namespace) -> list[str]:
 def cmd_classify(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
     from . import zero_shot
     from .backends import load_encoder
     from .runtime import resolve_device
-    from .transforms import BadImage
 
     device = resolve_device(args.device)
     model, preprocess, tokenizer = load_encoder(args.clip, backend=args.backend, device=device)
     labels = read_labels(args)
     templates = [t for t in (args.templates or "").split("|") if t] or None
-    paths, images = [], []
-    for path in image_paths(args.images):
-        try:
-            images.append(preprocess(path))
-            paths.append(path)
-        except BadImage as error:
-            print(f"skipped: {error}", file=sys.stderr)
-    if not images:
-        raise ValueError("classify: none of the given images could be read")
-    probabilities = zero_shot.classify(model, torch.stack(images).to(device), labels, tokenizer, templates).cpu()
+    paths, images = read_images(image_paths(args.images), preprocess, "classify")
+    probabilities = zero_shot.classify(model, images.to(device), labels, tokenizer, templates).cpu()
     top = min(args.top, len(labels))
     results = []
     for path, row in zip(paths, probabilities):
@@ -342,6 +341,95 @@ def cmd_classify(args: argparse.Namespace) -> None:
     for result in results:
         ranked = ", ".join(f"{item['label']} {item['prob']:.3f}" for item in result["top"])
         print(f"{result['image']}: {ranked}")
+
+
+def read_images(paths: list[Path], preprocess: Callable, command: str) -> tuple[list[Path], Any]:
+    """(the readable paths, their model inputs (N, 3, S, S)); unreadable images are reported and skipped."""
+    import torch
+
+    from .transforms import BadImage
+
+    kept, images = [], []
+    for path in paths:
+        try:
+            images.append(preprocess(path))
+            kept.append(path)
+        except BadImage as error:
+            print(f"skipped: {error}", file=sys.stderr)
+    if not images:
+        raise ValueError(f"{command}: none of the given images could be read")
+    return kept, torch.stack(images)
+
+
+def caption_tables(args: argparse.Namespace, tokenizer: Any) -> Any:
+    """The label tables of `caption`: --labels FILE, or --index INDEX cut by --template, or the CLIP's vocabulary."""
+    from . import caption
+
+    if args.labels and args.index:
+        raise ValueError("caption: give --labels FILE or --index INDEX as the source of terms, not both")
+    if args.template and not args.index:
+        raise ValueError("caption: --template cuts an index's captions into tables; a labels file has template: lines")
+    if args.labels:
+        return caption.read_label_tables(args.labels)
+    if args.index:
+        from .index.store import stored_captions
+
+        return caption.tables_from_captions(stored_captions(args.index), args.template)
+    return caption.vocabulary_table(tokenizer)
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    from . import caption, pretrained
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    clip = pretrained.load(args.clip, device=device)
+    model, preprocess, tokenizer = clip
+    paths, images = read_images(image_paths(args.images), preprocess, "caption")
+    if args.captioner:
+        if args.labels or args.index:
+            raise ValueError("caption: --captioner writes captions itself; drop --labels / --index")
+        captioner = caption.load_captioner(args.captioner, device=device)
+        results = []
+        for start in range(0, len(images), args.batch_size):
+            results += caption.captioner_captions(
+                clip, captioner, images[start : start + args.batch_size], n=args.n, temperature=args.temperature,
+                seed=args.seed,
+            )  # fmt: skip
+    else:
+        results = caption.rank_terms(model, tokenizer, images, caption_tables(args, tokenizer))
+    for path, result in zip(paths, results):
+        result["image"] = str(path)
+    if args.write_txt:
+        files = caption.write_caption_files(paths, [result["caption"] for result in results], args.overwrite)
+        if files["kept"]:
+            print(f"kept {len(files['kept'])} existing .txt file(s) (--overwrite replaces them)", file=sys.stderr)
+        print(f"wrote {len(files['written'])} caption file(s)", file=sys.stderr)
+    if args.json:
+        print_json(results)
+        return
+    for result in results:
+        print(f"{result['image']}: {result['caption']}  ({result['score']:.3f})")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import pretrained
+    from .checkpoint import write_json
+    from .explain import explain_image, heat, overlay
+    from .runtime import resolve_device
+    from .transforms import save_image
+
+    device = resolve_device(args.device)
+    model, preprocess, tokenizer = pretrained.load(args.clip, device=device)
+    _, images = read_images([Path(args.image)], preprocess, "explain")
+    result = explain_image(model, tokenizer, images[0], args.text, method=args.method)
+    out = Path(args.out)
+    picture = overlay(images[0], heat(torch.tensor(result["relevance"])), size=max(args.size, images.shape[-1]))
+    save_image(picture, out / "overlay.png")
+    write_json(out / "explanation.json", {"image": str(args.image), **result})
+    print(f"score {result['score']:.3f}, peak at {result['peak']}; wrote {out / 'overlay.png'}")
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
@@ -475,16 +563,65 @@ def cmd_index_export(args: argparse.Namespace) -> None:
     print_json(export_index(args.index, args.out))
 
 
-def cmd_search(args: argparse.Namespace) -> None:
-    from .index import search
+def cmd_index_duplicates(args: argparse.Namespace) -> None:
+    from .index import Index
+    from .index.duplicates import DEFAULT_THRESHOLD, find_duplicates
     from .runtime import resolve_device
 
-    if (args.query is None) == (args.image is None):
-        raise ValueError('search: give a text query ("a cat wearing sunglasses") or --image FILE, not both')
-    results = search(
-        args.index, text=args.query, image=args.image, k=args.k, min_score=args.min_score,
-        device=str(resolve_device(args.device)), backend=args.backend,
-    )  # fmt: skip
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    with Index.open(args.index, device=str(resolve_device(args.device))) as index:
+        report = find_duplicates(index, threshold)
+    if args.json:
+        print_json(report)
+        return
+    print(
+        f"{report['groups_total']} group(s) of near-duplicates, {report['grouped']} of {report['images']} images "
+        f"(cosine > {threshold})"
+    )
+    for group in report["groups"]:
+        print(f"{len(group['ids'])} images, cosine {group['min_score']:.3f} to {group['max_score']:.3f}:")
+        for image in group["images"]:
+            print(f"  #{image['id']}  {image['path']}")
+
+
+def cmd_index_sync(args: argparse.Namespace) -> None:
+    from .index.sync import sync_folder
+    from .runtime import resolve_device
+
+    device = str(resolve_device(args.device))
+    print_json(
+        sync_folder(args.index, args.data, batch_size=args.batch_size, num_workers=args.num_workers, device=device)
+    )
+
+
+def query_terms(args: argparse.Namespace) -> list[Any]:
+    """The search's terms: the query in the grammar of `index.query.parse_query` (image files allowed), then
+    --image, --minus and --minus-image, with --weights (one per term, in that order) multiplying their weights."""
+    from .index.query import Term, apply_weights, parse_query
+
+    terms = parse_query(args.query, allow_paths=True) if args.query is not None else []
+    terms += [Term("path", path) for path in args.image or []]
+    terms += [Term("text", text.strip(), -1.0) for text in args.minus or []]
+    terms += [Term("path", path, -1.0) for path in args.minus_image or []]
+    if not terms:
+        raise ValueError('search: give a text query ("a cat wearing sunglasses"), --image FILE, or both')
+    if args.weights is not None:
+        try:
+            weights = [float(part) for part in args.weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 2,1,1") from None
+        terms = apply_weights(terms, weights)
+    return terms
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .index import Index
+    from .index.query import search_terms
+    from .runtime import resolve_device
+
+    terms = query_terms(args)
+    with Index.open(args.index, device=str(resolve_device(args.device)), backend=args.backend) as index:
+        results = search_terms(index, terms, k=args.k, min_score=args.min_score)
     if args.json:
         print_json(results)
         return
@@ -550,11 +687,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if settings.rerank < 1:
         raise ValueError(f"--rerank {settings.rerank}: expected at least 1 candidate per image")
     models = load_models(
-        args.pipeline_dir, index=args.index, clip=args.clip, dalle=args.dalle, device=settings.device,
-        backend=args.backend,
+        args.pipeline_dir, index=args.index, clip=args.clip, dalle=args.dalle, captioner=args.captioner,
+        device=settings.device, backend=args.backend,
     )  # fmt: skip
     app = create_app(models, settings)
-    loaded = [name for name in ("index", "clip", "dalle") if getattr(models, name) is not None]
+    loaded = [name for name in ("index", "clip", "dalle", "captioner") if getattr(models, name) is not None]
     print(f"serving {', '.join(loaded)} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
     if api_key is None and args.host not in LOCAL_HOSTS:
         print(
@@ -597,7 +734,7 @@ def add_backend_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import CLIPConfig, DALLEConfig, DVAEConfig
+    from .models import CaptionerConfig, CLIPConfig, DALLEConfig, DVAEConfig
 
     parser = Parser(prog="clipdalle", description="Train and use DALL·E and CLIP on your own images.")
     parser.add_argument("--version", action="version", version=f"clipdalle {__version__}")
@@ -636,6 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_dalle_parser.add_argument("--vae", required=True, help="the dVAE run whose codes the model learns")
     train_dalle_parser.add_argument("--tokenizer", default=None, help="caption tokenizer.json (default: train one)")
     train_dalle_parser.add_argument("--tokens", default=None, help="token cache folder (default: OUT/tokens)")
+
+    train_captioner_parser = command(
+        train, "captioner", cmd_train_captioner, "train a captioner (DALL·E's stream reversed) on dVAE codes"
+    )
+    add_training_flags(train_captioner_parser, CaptionerConfig)
+    train_captioner_parser.add_argument("--vae", required=True, help="the dVAE run whose codes the model reads")
+    train_captioner_parser.add_argument("--tokenizer", default=None, help="caption tokenizer.json (default: train one)")
+    train_captioner_parser.add_argument("--tokens", default=None, help="token cache folder (default: OUT/tokens)")
 
     tokens = commands.add_parser("tokens", help="dVAE token cache").add_subparsers(dest="what", required=True)
     cache = command(tokens, "cache", cmd_tokens_cache, "encode a dataset to dVAE codes once")
@@ -684,6 +829,31 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
     add_runtime_flags(classify)
     add_backend_flag(classify)
+
+    caption = command(commands, "caption", cmd_caption, "caption images: CLIP-ranked label tables or a captioner")
+    caption.add_argument("images", nargs="+", help="image files or folders")
+    caption.add_argument("--clip", required=True, help="CLIP: a run directory or OpenAI/open_clip/HF weights")
+    caption.add_argument("--captioner", "--dalle", default=None, help="a captioner run: sample, then rerank by CLIP")
+    caption.add_argument("--labels", default=None, help="label tables: one term per line, [table] headers, template:")
+    caption.add_argument("--index", default=None, help="take the terms from this index's captions (see --template)")
+    caption.add_argument("--template", action="append", help="with --index: e.g. 'a {colour} icon of a {thing}'")
+    caption.add_argument("--write-txt", action="store_true", help="write a same-stem .txt beside each image")
+    caption.add_argument("--overwrite", action="store_true", help="with --write-txt: replace existing .txt files")
+    caption.add_argument("-n", type=int, default=16, help="captioner: captions sampled per image")
+    caption.add_argument("--temperature", type=float, default=1.0, help="captioner: sampling temperature (0: greedy)")
+    caption.add_argument("--seed", type=int, default=0, help="captioner: sampling seed")
+    caption.add_argument("--batch-size", type=int, default=64, help="captioner: images sampled at once")
+    caption.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    add_runtime_flags(caption)
+
+    explain = command(commands, "explain", cmd_explain, "where in an image a text matches: a relevance map")
+    explain.add_argument("image", help="the image")
+    explain.add_argument("text", help="what to look for")
+    explain.add_argument("--clip", required=True, help="CLIP: a run directory or OpenAI/open_clip/HF weights")
+    explain.add_argument("--out", required=True, help="output folder: overlay.png, explanation.json")
+    explain.add_argument("--method", default="gradient", choices=("gradient", "dense"), help="see clipdalle.explain")
+    explain.add_argument("--size", type=int, default=256, help="side of overlay.png in pixels")
+    add_runtime_flags(explain)
 
     probe = command(commands, "probe", cmd_probe, "linear probe and zero-shot accuracy on a labelled dataset")
     probe.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
@@ -745,14 +915,28 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--ids", required=True, help="comma-separated ids")
     info = command(index, "info", cmd_index_info, "counts, model, index type and measured recall")
     info.add_argument("--index", required=True, help="index folder")
+    duplicates = command(index, "duplicates", cmd_index_duplicates, "groups of near-duplicate images")
+    duplicates.add_argument("--index", required=True, help="index folder")
+    duplicates.add_argument("--threshold", type=float, default=None, help="cosine above which two pair (default 0.97)")
+    duplicates.add_argument("--json", action="store_true", help="print the groups as JSON")
+    add_runtime_flags(duplicates)
+    sync = command(index, "sync", cmd_index_sync, "embed new and changed files of a folder, drop deleted ones")
+    sync.add_argument("--index", required=True, help="index folder")
+    sync.add_argument("--data", required=True, help="the folder of images to follow")
+    sync.add_argument("--batch-size", type=int, default=256, help="images embedded at once")
+    sync.add_argument("--num-workers", type=int, default=1, help="image-decoding processes")
+    add_runtime_flags(sync)
     export = command(index, "export", cmd_index_export, "write embeddings.npy and metadata.jsonl")
     export.add_argument("--index", required=True, help="index folder")
     export.add_argument("--out", required=True, help="output folder")
 
-    search = command(commands, "search", cmd_search, "text->image or image->image search over an index")
-    search.add_argument("query", nargs="?", default=None, help="text query")
+    search = command(commands, "search", cmd_search, "search an index by texts and images, weighted, + and -")
+    search.add_argument("query", nargs="?", default=None, help="text, or terms: '2:a red circle + ./q.png - a square'")
     search.add_argument("--index", required=True, help="index folder")
-    search.add_argument("--image", default=None, help="find images similar to this one")
+    search.add_argument("--image", action="append", help="find images similar to this one (repeatable)")
+    search.add_argument("--minus", action="append", help="a text to move away from (repeatable)")
+    search.add_argument("--minus-image", action="append", help="an image to move away from (repeatable)")
+    search.add_argument("--weights", default=None, help="one weight per term: query terms, --image, --minus, ...")
     search.add_argument("-k", type=int, default=20, help="results")
     search.add_argument("--min-score", type=float, default=None, help="drop results below this cosine")
     search.add_argument("--json", action="store_true", help="print a JSON list of {id, path, caption, score}")
@@ -772,6 +956,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--index", default=None, help="index folder (search, similar, thumbnails)")
     serve.add_argument("--clip", default=None, help="CLIP run or model name (default: the index's)")
     serve.add_argument("--dalle", default=None, help="DALL·E run (its dVAE and tokenizer come with it) to generate")
+    serve.add_argument("--captioner", default=None, help="captioner run for /api/caption (default: CLIP ranking)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument(

@@ -636,6 +636,24 @@ class Index:
                 found[values[0]] = dict(zip(columns, values))
         return found
 
+    def features_of(self, ids: Iterable[int]) -> np.ndarray:
+        """Stored unit features (N, D) float32 of the given image ids, in the order given; an unknown id is a
+        ValueError naming it."""
+        ids = [int(i) for i in ids]
+        with self.lock:
+            found: dict[int, bytes] = {}
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                query = f"SELECT id, embedding FROM images WHERE id IN ({','.join('?' * len(part))})"
+                found.update(self.connection.execute(query, part).fetchall())
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise ValueError(f"{self.path}: no image with id {missing[0]} in the index")
+        if not ids:
+            return np.zeros((0, self.info["embed_dim"]), dtype=np.float32)
+        blob = b"".join(found[i] for i in ids)
+        return np.frombuffer(blob, dtype=np.float16).reshape(len(ids), -1).astype(np.float32)  # (N, D)
+
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) int64, unit-norm embeddings (N, D) float32) of every stored image, by id."""
         with self.lock:
@@ -840,6 +858,20 @@ def index_info(index: str | Path | Index) -> dict:
     connection.close()
     info["path"] = str(path)
     return info
+
+
+def stored_captions(index: str | Path | Index) -> list[str]:
+    """Every stored image's captions (its caption lines joined by newlines), without loading the CLIP."""
+    if isinstance(index, Index):
+        with index.lock:
+            return [caption for (caption,) in index.connection.execute("SELECT caption FROM images ORDER BY id")]
+    path = Path(index)
+    _read_info(path)
+    connection = sqlite3.connect(path / META_FILE)
+    try:
+        return [caption for (caption,) in connection.execute("SELECT caption FROM images ORDER BY id")]
+    finally:
+        connection.close()
 
 
 def export_index(index: str | Path | Index, out: str | Path) -> dict:

@@ -9,6 +9,8 @@ of DALL·E sampling live beside the model, in clipdalle.models.decoding).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -366,3 +368,20 @@ def init_transformer_(transformer: Transformer) -> None:
         nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
         nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
         nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+def init_gpt2_(model: nn.Module, transformer: Transformer, parameters: list[nn.Parameter]) -> None:
+    """GPT-2's initialisation (DALL·E's and the captioner's): Linear and Embedding weights and the given extra
+    parameters (position embeddings) N(0, 0.02), biases 0, residual projections scaled by 1/sqrt(2 * n_layer)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for parameter in parameters:
+        nn.init.normal_(parameter, std=0.02)
+    for block in transformer.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=0.02)
+        nn.init.zeros_(block.attn.in_proj_bias)
+        for projection in (block.attn.out_proj, block.mlp.c_proj):
+            nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * transformer.n_layer))

@@ -78,6 +78,30 @@ class ThumbnailCache:
                 self.memory.popitem(last=False)
 
 
+def result_items(context: ServeContext, hits: list[dict]) -> list[dict]:
+    """Index hits ({"id", "caption", "score"}) as SearchItem dicts, those removed since the search left out."""
+    index = context.need_index()
+    with index.lock:
+        rows = index.rows(hit["id"] for hit in hits)
+    results = []
+    for hit in hits:
+        row = rows.get(hit["id"])
+        if row is None:  # removed between the search and now
+            continue
+        results.append(
+            {
+                "id": hit["id"],
+                "caption": first_caption(hit["caption"]),
+                "score": float(hit["score"]),
+                "width": int(row["width"]),
+                "height": int(row["height"]),
+                "thumbnail": f"/api/images/{hit['id']}?size=thumb",
+                "url": f"/api/images/{hit['id']}",
+            }
+        )
+    return results
+
+
 def search_router(context: ServeContext) -> APIRouter:
     router = APIRouter()
     models, settings = context.models, context.settings
@@ -85,26 +109,7 @@ def search_router(context: ServeContext) -> APIRouter:
     thumbnails = ThumbnailCache(Path(folder) if folder is not None else None)
 
     def items(hits: list[dict]) -> list[dict]:
-        index = context.need_index()
-        with index.lock:
-            rows = index.rows(hit["id"] for hit in hits)
-        results = []
-        for hit in hits:
-            row = rows.get(hit["id"])
-            if row is None:  # removed between the search and now
-                continue
-            results.append(
-                {
-                    "id": hit["id"],
-                    "caption": first_caption(hit["caption"]),
-                    "score": float(hit["score"]),
-                    "width": int(row["width"]),
-                    "height": int(row["height"]),
-                    "thumbnail": f"/api/images/{hit['id']}?size=thumb",
-                    "url": f"/api/images/{hit['id']}",
-                }
-            )
-        return results
+        return result_items(context, hits)
 
     @router.get("/info", response_model=Info, summary="what this server can do, and its limits")
     def info() -> dict:

@@ -4,6 +4,7 @@ validation pictures handed to the one training loop (training.loop.train).
     train_vae(data, out, DVAEConfig(...), TrainConfig(...))
     train_clip(data, out, CLIPConfig(...), TrainConfig(...), init="ViT-B-32.pt", lock_image=True)
     train_dalle(data, out, DALLEConfig(...), TrainConfig(...), vae_run="runs/vae")
+    train_captioner(data, out, CaptionerConfig(...), TrainConfig(...), vae_run="runs/vae")
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,7 +22,7 @@ from ..config import TrainConfig, replace
 from ..data.loader import Augment, SampleStream, batches, make_loader
 from ..data.sources import is_validation, open_source, resolve_splits
 from ..io import DirectoryLock
-from ..models import CLIP, DALLE, DiscreteVAE
+from ..models import CLIP, DALLE, Captioner, DiscreteVAE
 from ..pretrained import load, load_tokenizer, run_tokenizer
 from ..prompts import write_training_prompts
 from ..runtime import barrier, distributed_context, init_distributed, resolve_device
@@ -209,24 +210,34 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
         tokenizer.save(out)
 
 
-def train_dalle(
+class CodeData(NamedTuple):
+    """What a model trained on a token cache needs: the run's dVAE, its caption tokenizer, the model config with
+    the dVAE's sizes, the batch functions for `train` (batches carry "codes" and captions) and `with_text`, which
+    adds a batch's token ids as "text" (B, text_length)."""
+
+    vae: torch.nn.Module
+    tokenizer: Any
+    model_config: Any
+    train_batches: Iterator[dict]
+    val_batches: Callable[[], Iterable[dict]]
+    with_text: Callable[[dict], dict]
+
+
+def prepare_codes(
     data: str | Path,
-    out: str | Path,
+    out: Path,
     model_config: Any,
     config: TrainConfig,
     *,
     vae_run: str | Path,
-    tokenizer_path: str | Path | None = None,
-    tokens: str | Path | None = None,
-    val_data: str | Path | None = None,
-    resume: bool = False,
-) -> torch.nn.Module:
-    """Trains the DALL·E transformer on a dataset encoded once by the dVAE in `vae_run`.
-
-    The dVAE is copied into RUN/vae/ (a run refuses a different dVAE later); the dataset's codes are cached in
-    `tokens` (default RUN/tokens/) and reused while the dVAE and the data are the same; each evaluation reports
-    validation loss in bits per image token and writes samples for fixed validation captions."""
-    out = Path(out)
+    tokenizer_path: str | Path | None,
+    tokens: str | Path | None,
+    val_data: str | Path | None,
+    resume: bool,
+) -> CodeData:
+    """The process group started, the dVAE copied into RUN/vae/ (a run refuses a different dVAE later),
+    image_vocab_size and grid_size taken from it, the caption tokenizer (`prepare_tokenizer`), and the dataset's
+    codes cached in `tokens` (default RUN/tokens/) and reused while the dVAE and the data are the same."""
     rank, world, local_rank = distributed_context()
     device = resolve_device(config.device, local_rank)
     init_distributed(device)
@@ -237,7 +248,7 @@ def train_dalle(
                 if Path(vae_run).resolve() != vae_dir.resolve() and weights_sha256(vae_dir) != weights_sha256(vae_run):
                     raise ValueError(
                         f"{out} was trained with the dVAE in {vae_dir} (sha256 {weights_sha256(vae_dir)[:12]}), "
-                        f"not with {vae_run} (sha256 {weights_sha256(vae_run)[:12]}); train a new DALL·E run for "
+                        f"not with {vae_run} (sha256 {weights_sha256(vae_run)[:12]}); train a new run for "
                         "another dVAE"
                     )
             else:
@@ -289,10 +300,37 @@ def train_dalle(
         )
         return make_loader(stream, num_workers=0)
 
+    text_length = model_config.text_length
+
     def with_text(batch: dict) -> dict:
         if "text" not in batch:
-            batch["text"] = tokenizer(batch["captions"], model_config.text_length).to(batch["codes"].device)
+            batch["text"] = tokenizer(batch["captions"], text_length).to(batch["codes"].device)
         return batch
+
+    train_batches = batches(train_stream, config.num_workers, pin_memory=device.type == "cuda")
+    return CodeData(vae, tokenizer, model_config, train_batches, val_batches, with_text)
+
+
+def train_dalle(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    vae_run: str | Path,
+    tokenizer_path: str | Path | None = None,
+    tokens: str | Path | None = None,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains the DALL·E transformer on a dataset encoded once by the dVAE in `vae_run` (see `prepare_codes`);
+    each evaluation reports validation loss in bits per image token and writes samples for fixed validation
+    captions."""
+    out = Path(out)
+    vae, tokenizer, model_config, train_batches, val_batches, with_text = prepare_codes(
+        data, out, model_config, config, vae_run=vae_run, tokenizer_path=tokenizer_path, tokens=tokens,
+        val_data=val_data, resume=resume,
+    )  # fmt: skip
 
     def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         return objectives.dalle_loss(model, with_text(batch), progress)
@@ -307,13 +345,36 @@ def train_dalle(
 
     torch.manual_seed(config.seed)
     model = DALLE(model_config)
-    return train(
-        model,
-        loss_fn,
-        batches(train_stream, config.num_workers, pin_memory=device.type == "cuda"),
-        out,
-        config,
-        val_batches=val_batches,
-        evaluate=validate,
-        resume=resume,
-    )
+    return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=validate, resume=resume)
+
+
+def train_captioner(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    vae_run: str | Path,
+    tokenizer_path: str | Path | None = None,
+    tokens: str | Path | None = None,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains the captioner (DALL·E's stream reversed: codes, then caption) on the dataset's captions, its images
+    encoded once by the dVAE in `vae_run` (see `prepare_codes`); each evaluation reports the validation caption
+    loss (nats per token) and its perplexity."""
+    out = Path(out)
+    _, _, model_config, train_batches, val_batches, with_text = prepare_codes(
+        data, out, model_config, config, vae_run=vae_run, tokenizer_path=tokenizer_path, tokens=tokens,
+        val_data=val_data, resume=resume,
+    )  # fmt: skip
+
+    def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return objectives.captioner_loss(model, with_text(batch), progress)
+
+    def validate(model: torch.nn.Module, batches_: list[dict]) -> tuple[dict[str, float], None]:
+        return evaluate.captioner_metrics(model, [with_text(batch) for batch in batches_]), None
+
+    torch.manual_seed(config.seed)
+    model = Captioner(model_config)
+    return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=validate, resume=resume)
