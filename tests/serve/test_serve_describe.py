@@ -33,7 +33,7 @@ def captioner_run(tiny_runs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(built_index, captioner_run):
     models = load_models(index=built_index, captioner=captioner_run)
-    yield TestClient(create_app(models))
+    yield TestClient(create_app(models), base_url="http://localhost")
     models.close()
 
 

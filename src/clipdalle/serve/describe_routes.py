@@ -143,10 +143,7 @@ def describe_router(context: ServeContext) -> APIRouter:
             row = index.rows([image_id]).get(image_id)
         if row is None:
             raise ApiError(404, f"no image with id {image_id} in the index")
-        try:
-            data = read_indexed_image(row["path"])
-        except (OSError, KeyError):
-            raise ApiError(404, f"image {image_id}: its file is no longer where the index found it") from None
+        data = read_indexed_image(context, row)
         _, preprocess, _ = context.need_clip()
         pixels = preprocess(context.decode(data, f"image {image_id}"))
         return explanation(pixels, query_features(terms, []), q.strip(), method)

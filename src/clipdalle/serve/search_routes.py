@@ -78,6 +78,14 @@ class ThumbnailCache:
                 self.memory.popitem(last=False)
 
 
+def read_indexed_image(context: ServeContext, row: dict) -> bytes:
+    """The stored bytes of an indexed image (a file or a shard member); a 404 if it has gone since indexing."""
+    try:
+        return read_image(row["path"], context.models.index.info.get("data", []))
+    except (OSError, KeyError, tarfile.TarError, EOFError):
+        raise ApiError(404, f"image {row['id']}: its file is no longer where the index found it") from None
+
+
 def result_items(context: ServeContext, hits: list[dict]) -> list[dict]:
     """Index hits ({"id", "caption", "score"}) as SearchItem dicts, those removed since the search left out."""
     index = context.need_index()
@@ -214,9 +222,6 @@ def search_router(context: ServeContext) -> APIRouter:
         return png
 
     def read_stored(row: dict) -> bytes:
-        try:
-            return read_image(row["path"], models.index.info.get("data", []))
-        except (OSError, tarfile.TarError, EOFError):
-            raise ApiError(404, f"image {row['id']}: its file is no longer where the index found it") from None
+        return read_indexed_image(context, row)
 
     return router
