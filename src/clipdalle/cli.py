@@ -118,7 +118,7 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     from .models.dvae import DVAEConfig
     from .training import train_vae
 
-    run_training(args, DVAEConfig, "dvae", train_vae)
+    run_training(args, DVAEConfig, "dvae", train_vae, extra_data=args.extra_data or [])
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
@@ -129,6 +129,7 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         given = ", ".join(f"--{name.replace('_', '-')}" for name in flags_for(CLIPConfig, args))
         raise ValueError(f"--init takes the model's shape from its weights; drop {given}")
     options = dict(tokenizer_path=args.tokenizer, init=args.init, lock_image=args.lock_image)
+    options["extra_data"] = args.extra_data or []
     run_training(args, CLIPConfig, "clip", train_clip, **options)
 
 
@@ -709,8 +710,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ the table
 
 
-def add_training_flags(parser: argparse.ArgumentParser, model_config_class: type) -> None:
+def add_training_flags(parser: argparse.ArgumentParser, model_config_class: type, extra_data: bool = False) -> None:
     parser.add_argument("--data", required=True, help="dataset: folder, .tar shards (glob/brace), or manifest")
+    if extra_data:
+        parser.add_argument(
+            "--extra-data", action="append", metavar="PATH[:REPEATS]",
+            help="another dataset mixed into the training data, read REPEATS times per epoch (repeatable)",
+        )  # fmt: skip
     parser.add_argument("--out", required=True, help="run directory to write")
     parser.add_argument("--val-data", default=None, help="validation dataset (default: DATA/val or a hash hold-out)")
     parser.add_argument("--preset", default=None, help="preset name in configs/ (e.g. tiny, demo) or a .json path")
@@ -760,10 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--out", required=True, help="tokenizer.json to write")
 
     train = commands.add_parser("train", help="train a model").add_subparsers(dest="what", required=True)
-    add_training_flags(command(train, "vae", cmd_train_vae, "train the discrete VAE (image tokenizer)"), DVAEConfig)
+    vae_parser = command(train, "vae", cmd_train_vae, "train the discrete VAE (image tokenizer)")
+    add_training_flags(vae_parser, DVAEConfig, extra_data=True)
 
     train_clip_parser = command(train, "clip", cmd_train_clip, "train or fine-tune CLIP on image-caption pairs")
-    add_training_flags(train_clip_parser, CLIPConfig)
+    add_training_flags(train_clip_parser, CLIPConfig, extra_data=True)
     train_clip_parser.add_argument("--tokenizer", default=None, help="caption tokenizer.json (default: train one)")
     train_clip_parser.add_argument("--init", default=None, help="start from a CLIP: a run, OpenAI .pt, open_clip, HF")
     train_clip_parser.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")

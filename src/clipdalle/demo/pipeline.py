@@ -57,6 +57,7 @@ MARKER = ".clipdalle-pipeline"  # written into OUT by the pipeline: `fresh` remo
 # evaluation sizes, the CPU threads to use (default: all cores) and the expected seconds of each stage (for the ETA).
 PRESET_SECTIONS = ("description", "icons", "vae", "clip", "dalle", "eval", "threads", "expected_s")
 SUBSET_KEYS = ("families", "common_icons")  # the dalle section's choice of training icons, besides model and train
+PIPELINE_KEYS = ("oversample_dalle_icons",)  # a model section's pipeline settings, besides preset, model and train
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -88,7 +89,9 @@ def pipeline_configs(spec: dict[str, Any], name: str = "pipeline") -> dict[str, 
     size = icon_settings(spec)["size"]
     configs = {
         "vae": model_and_train_configs(spec.get("vae", {}), DVAEConfig, "vae"),
-        "clip": model_and_train_configs(spec.get("clip", {}), CLIPConfig, "clip"),
+        "clip": model_and_train_configs(
+            {key: value for key, value in spec.get("clip", {}).items() if key not in PIPELINE_KEYS}, CLIPConfig, "clip"
+        ),
         "dalle": model_and_train_configs(
             {key: value for key, value in spec.get("dalle", {}).items() if key not in SUBSET_KEYS},
             DALLEConfig,
@@ -239,6 +242,9 @@ def train_pair(state: PipelineState, restart: bool) -> None:
         run_dir = state.run_dir(kind)
         if not training_finished(run_dir):
             extra = ["--data", str(state.data)]
+            repeats = state.spec.get(kind, {}).get("oversample_dalle_icons")
+            if repeats:  # the icons DALL·E will draw, seen `repeats` times as often: what the CLIP must rerank
+                extra += ["--extra-data", f"{dalle_folder(state)[0]}:{repeats}"]
             jobs.append(
                 train_job(name, label, kind, run_dir, state.configs[kind], state.out, state.pair_threads, extra)
             )
@@ -276,16 +282,24 @@ def dalle_data_done(state: PipelineState) -> bool:
     )
 
 
-def build_dalle_data(state: PipelineState, restart: bool) -> None:
-    """The icons of the chosen training families plus every validation icon, and their dVAE codes."""
-    icons, split, seed = state.icons, state.split(), state.evaluation["seed"]
-    seen, rule = dalle_icons(split["train"], state.dalle_subset, seed)
-    chosen = sorted({family_of(name) for name in seen})
-    folder = state.data  # every training family: the whole dataset
+def dalle_folder(state: PipelineState) -> tuple[Path, list[str], str]:
+    """(the dataset DALL·E trains on, its training icons, the rule that chose them): the preset's subset of the
+    training icons plus every validation icon, rendered once (or the whole dataset when the subset is all of it)."""
+    icons, split = state.icons, state.split()
+    seen, rule = dalle_icons(split["train"], state.dalle_subset, state.evaluation["seed"])
+    folder = state.data  # every training icon: the whole dataset
     if len(seen) < len(split["train"]):
         folder = state.data_dir / subset_folder_name(icons["size"], icons["colours"], seen + split["val"])
     if not is_complete(folder, icons["size"], icons["colours"]):
         build_icons(folder, size=icons["size"], colours=icons["colours"], names=seen + split["val"])
+    return folder, seen, rule
+
+
+def build_dalle_data(state: PipelineState, restart: bool) -> None:
+    """The icons DALL·E trains on (`dalle_folder`) and their dVAE codes."""
+    split, seed = state.split(), state.evaluation["seed"]
+    folder, seen, rule = dalle_folder(state)
+    chosen = sorted({family_of(name) for name in seen})
     vae_dir = state.run_dir("vae")
     if not cache_is_current(state.tokens_dir, vae_dir, str(folder)):
         vae = checkpoint.load_model(vae_dir, expect="dvae", device=state.device)

@@ -20,7 +20,7 @@ import torch
 from .. import checkpoint, evaluate, sampling
 from ..config import TrainConfig, replace
 from ..data.loader import Augment, SampleStream, batches, make_loader
-from ..data.sources import is_validation, open_source, resolve_splits
+from ..data.sources import is_validation, open_mixture, open_source, resolve_splits
 from ..io import DirectoryLock
 from ..models import CLIP, DALLE, Captioner, DiscreteVAE
 from ..pretrained import load, load_tokenizer, run_tokenizer
@@ -41,19 +41,24 @@ def data_streams(
     *,
     val_data: str | Path | None = None,
     captions: str = "required",
+    extra_data: list[str] | tuple[str, ...] = (),
 ) -> tuple[Callable[[int], Iterator[dict]], Callable[[], Iterable[dict]]]:
     """Training and validation batch functions for `train`, from a dataset path (see data/sources.py).
 
     A directory with train/ and val/ uses them; else `val_data`; else a stable hash of each sample's key holds
-    out `config.val_fraction` of the data."""
+    out `config.val_fraction` of the data. `extra_data` ("PATH" or "PATH:REPEATS" each) is mixed into the training
+    data only (`data.sources.open_mixture`)."""
     augment = None
     if config.crop_scale < 1.0 or config.max_shift > 0.0:
         augment = Augment(min_scale=config.crop_scale, max_shift=config.max_shift)
 
     rank, world, local_rank = distributed_context()
     train_path, val_path = resolve_splits(data, val_data)
-    train_source = open_source(train_path, captions=captions)
-    val_source = open_source(val_path, captions=captions) if val_path is not None else train_source
+    train_source = open_mixture(train_path, list(extra_data), captions=captions)
+    if val_path is not None:
+        val_source = open_source(val_path, captions=captions)
+    else:
+        val_source = open_source(train_path, captions=captions) if extra_data else train_source
     holdout = None if val_path is not None else "train"
 
     def train_stream(start_batch: int) -> SampleStream:
@@ -96,10 +101,14 @@ def train_vae(
     config: TrainConfig,
     *,
     val_data: str | Path | None = None,
+    extra_data: list[str] | tuple[str, ...] = (),
     resume: bool = False,
 ) -> torch.nn.Module:
-    """Trains the discrete VAE (images only: caption files are never opened) into the run directory `out`."""
-    train_batches, val_batches = data_streams(data, config, model_config.image_size, val_data=val_data, captions="none")
+    """Trains the discrete VAE (images only: caption files are never opened) into the run directory `out`;
+    `extra_data` is mixed into the training data (`data_streams`)."""
+    train_batches, val_batches = data_streams(
+        data, config, model_config.image_size, val_data=val_data, captions="none", extra_data=extra_data
+    )
     torch.manual_seed(config.seed)
     model = DiscreteVAE(model_config)
 
@@ -159,6 +168,7 @@ def train_clip(
     init: str | Path | None = None,
     lock_image: bool = False,
     val_data: str | Path | None = None,
+    extra_data: list[str] | tuple[str, ...] = (),
     resume: bool = False,
 ) -> torch.nn.Module:
     """Trains CLIP on (image, caption) pairs into `out`: from scratch with our caption tokenizer, or fine-tuned
@@ -199,7 +209,9 @@ def train_clip(
         metrics["zero_shot_accuracy"] = evaluate.caption_zero_shot_accuracy(model, batches_, tokenizer)
         return metrics, evaluate.clip_picture(model, batches_)
 
-    train_batches, val_batches = data_streams(data, config, model.config.image_size, val_data=val_data)
+    train_batches, val_batches = data_streams(
+        data, config, model.config.image_size, val_data=val_data, extra_data=extra_data
+    )
     return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=validate, resume=resume)
 
 
