@@ -158,8 +158,9 @@ def load_dalle_bundle(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
-    model, vae, tokenizer = checkpoint.load_dalle(args.dalle, device=device)
-    clip_bundle = pretrained.load(args.clip, device=device) if args.clip else None
+    which = "last" if args.last else "best"
+    model, vae, tokenizer = checkpoint.load_dalle(args.dalle, device=device, which=which)
+    clip_bundle = pretrained.load(args.clip, device=device, which=which) if args.clip else None
     return model, vae, tokenizer, clip_bundle
 
 
@@ -611,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
         sub.add_argument("--seed", type=int, default=None, help="base seed (sample i gets seed + i)")
         sub.add_argument("--batch-size", type=int, default=64, help="samples decoded at once")
+        sub.add_argument("--last", action="store_true", help="the runs' last weights, not their best (RUN/best/)")
         add_runtime_flags(sub)
         return sub
 

@@ -24,6 +24,7 @@ SOURCE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # presets in a
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run (not per epoch: streams have no fixed length)
+    epochs: float = 0.0  # above 0: sets steps to this many passes over the training split (counted at the start)
     batch_size: int = 64  # samples per optimizer step per process (before gradient accumulation)
     grad_accum: int = 1  # micro-batches summed per optimizer step; effective batch = batch_size * grad_accum * world
     lr: float = 3e-4  # peak learning rate after warmup
@@ -37,12 +38,17 @@ class TrainConfig:
     eval_every: int = 200  # steps between evaluations (validation metrics, sample grid)
     eval_batches: int = 4  # validation batches per evaluation
     save_every: int = 200  # steps between checkpoints (the run also saves at its last step)
+    keep_best: bool = True  # keep the weights of the lowest validation loss in RUN/best/, which loading prefers
+    early_stop: int = 0  # stop after this many evaluations in a row without a lower validation loss; 0 = never
+    max_seconds: float = 0.0  # stop (with a checkpoint) after this many seconds of training; 0 = no limit
     log_every: int = 10  # steps between training-metric rows in metrics.csv
     seed: int = 0  # seeds initialisation, data order, augmentation and sampling noise
     num_workers: int = 0  # data-loader processes per training process; 0 decodes between steps, which on few cores
     # beats a worker process fighting the compute threads for small images; raise it for big images
     crop_scale: float = 1.0  # random resized crop keeps at least this share of the area; 1 = no crop (CLIP: 0.8)
     max_shift: float = 0.0  # random translation as a share of the image side; never colour jitter (colour is content)
+    caption_templates: str = ""  # '|'-separated templates a training caption is put into at random ('{}' = the caption)
+    code_views: int = 1  # DALL·E: cached codes per training image, the centre crop + augmented views; one per epoch
     val_fraction: float = 0.02  # share of samples held out by a hash of their key when no val/ split exists
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes CUDA when present
     dtype: str = "fp32"  # fp32 | bf16 | fp16 autocast; fp32 on CPU (bf16 matmul is ~100x slower on AVX2)

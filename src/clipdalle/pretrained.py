@@ -28,6 +28,7 @@ def load(
     quick_gelu: bool | None = None,
     tokenizer: Any = None,
     trust_torchscript: bool = False,
+    which: str = "best",
 ) -> tuple[CLIP, Any, Any]:
     """(model in eval mode, preprocess(image) -> (3, S, S), tokenizer) from local files; nothing is downloaded.
 
@@ -37,13 +38,14 @@ def load(
     cannot, so OpenAI and open_clip "-quickgelu" weights default to QuickGELU, Hugging Face to its hidden_act,
     and `quick_gelu=True/False` overrides. `tokenizer` is a tokenizer object, or a path to our tokenizer.json,
     OpenAI's merges file or a Hugging Face tokenizer directory; by default the one beside the weights (or the
-    one shipped in an installed clip/open_clip package for OpenAI weights)."""
+    one shipped in an installed clip/open_clip package for OpenAI weights). For a run, `which` picks its best
+    weights (RUN/best/, when it kept them) or its last (see `checkpoint.load_model`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if checkpoint.is_run(path):
         overrides = None if quick_gelu is None else {"activation": "quick_gelu" if quick_gelu else "gelu"}
-        model = checkpoint.load_model(path, expect="clip", overrides=overrides)
+        model = checkpoint.load_model(path, expect="clip", overrides=overrides, which=which)
         # Our caption tokenizer, or the CLIP BPE (vocab.json + merges.txt) of a run fine-tuned from OpenAI weights.
         tokenizer_source = path / checkpoint.TOKENIZER_FILE
         if not tokenizer_source.is_file():
@@ -66,12 +68,12 @@ def load(
 
 
 def weights_file(path: str | Path) -> Path:
-    """The file of weights `load(path)` reads: RUN/model.safetensors of a run, the file itself, or the weights an
+    """The file of weights `load(path)` reads: the run's (`checkpoint.weights_path`), the file itself, or the weights an
     open_clip or Hugging Face directory holds (the first of the names `convert.read_checkpoint` tries). What an
     index records the hash of, so the hash is of the loaded weights."""
     path = Path(path)
     if checkpoint.is_run(path):
-        return path / checkpoint.WEIGHTS_FILE
+        return checkpoint.weights_path(path)
     if not path.is_dir():
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or directory")

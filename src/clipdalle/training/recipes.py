@@ -8,6 +8,7 @@ validation pictures handed to the one training loop (training.loop.train).
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -19,7 +20,7 @@ import torch
 from .. import checkpoint, evaluate, sampling
 from ..config import TrainConfig, replace
 from ..data.loader import Augment, SampleStream, batches, make_loader
-from ..data.sources import is_validation, open_source, resolve_splits
+from ..data.sources import Source, is_validation, open_source, resolve_splits
 from ..io import DirectoryLock
 from ..models import CLIP, DALLE, DiscreteVAE
 from ..pretrained import load
@@ -28,6 +29,7 @@ from ..runtime import barrier, distributed_context, init_distributed, resolve_de
 from ..tokenizers import CaptionTokenizer, ClipTokenizer
 from ..tokenizers.caption import MIN_VOCAB_SIZE
 from ..transforms import make_grid
+from ..zero_shot import check_templates
 from . import objectives
 from .codes import build_code_cache, cache_is_current, open_code_cache, weights_sha256
 from .loop import train
@@ -44,11 +46,9 @@ def data_streams(
     """Training and validation batch functions for `train`, from a dataset path (see data/sources.py).
 
     A directory with train/ and val/ uses them; else `val_data`; else a stable hash of each sample's key holds
-    out `config.val_fraction` of the data."""
-    augment = None
-    if config.crop_scale < 1.0 or config.max_shift > 0.0:
-        augment = Augment(min_scale=config.crop_scale, max_shift=config.max_shift)
-
+    out `config.val_fraction` of the data. Training captions go through `config.caption_templates`; validation
+    captions never do, so validation losses compare across runs with and without them."""
+    augment = image_augment(config)
     rank, world, local_rank = distributed_context()
     train_path, val_path = resolve_splits(data, val_data)
     train_source = open_source(train_path, captions=captions)
@@ -67,6 +67,7 @@ def data_streams(
             start_batch=start_batch,
             rank=rank,
             world_size=world,
+            caption_templates=caption_templates(config) if captions != "none" else (),
         )
 
     def val_batches() -> Iterable[dict]:
@@ -86,6 +87,44 @@ def data_streams(
     return batches(train_stream, config.num_workers, pin_memory), val_batches
 
 
+def image_augment(config: TrainConfig) -> Augment | None:
+    """The random crop and shift of `config` (None when it asks for neither)."""
+    if config.crop_scale < 1.0 or config.max_shift > 0.0:
+        return Augment(min_scale=config.crop_scale, max_shift=config.max_shift)
+    return None
+
+
+def caption_templates(config: TrainConfig) -> tuple[str, ...]:
+    """`config.caption_templates` ("{}|a picture of {}") as a tuple, each checked to hold one {} for the caption."""
+    templates = tuple(template for template in config.caption_templates.split("|") if template.strip())
+    check_templates(list(templates))
+    return templates
+
+
+def training_split(data: str | Path, val_data: str | Path | None = None) -> tuple[Source, str | None]:
+    """(the source training reads, "train" when a hash hold-out splits it or None), as `data_streams` splits."""
+    train_path, val_path = resolve_splits(data, val_data)
+    return open_source(train_path, captions="none"), None if val_path is not None else "train"
+
+
+def with_epochs(config: TrainConfig, source: Source, holdout: str | None) -> TrainConfig:
+    """`config` with `steps` set from `epochs` (when above 0): epochs x the training samples of `source` (those
+    `holdout="train"` keeps, or all) / the samples of one optimizer step (batch x accumulation x processes)."""
+    if config.epochs <= 0:
+        return config
+    samples = sum(1 for key in source.keys() if holdout is None or not is_validation(key, config.val_fraction))
+    if samples == 0:
+        raise ValueError(f"{source.path}: no training samples to count epochs over")
+    per_step = config.batch_size * config.grad_accum * distributed_context()[1]
+    steps = max(1, math.ceil(config.epochs * samples / per_step))
+    if distributed_context()[0] == 0:
+        print(
+            f"{config.epochs:g} epochs of {samples} training samples at {per_step} per step: {steps} steps",
+            file=sys.stderr,
+        )
+    return replace(config, steps=steps)
+
+
 def train_vae(
     data: str | Path,
     out: str | Path,
@@ -96,6 +135,7 @@ def train_vae(
     resume: bool = False,
 ) -> torch.nn.Module:
     """Trains the discrete VAE (images only: caption files are never opened) into the run directory `out`."""
+    config = with_epochs(config, *training_split(data, val_data))
     train_batches, val_batches = data_streams(data, config, model_config.image_size, val_data=val_data, captions="none")
     torch.manual_seed(config.seed)
     model = DiscreteVAE(model_config)
@@ -195,6 +235,7 @@ def train_clip(
         metrics["zero_shot_accuracy"] = evaluate.caption_zero_shot_accuracy(model, batches_, tokenizer)
         return metrics, evaluate.clip_picture(model, batches_)
 
+    config = with_epochs(config, *training_split(data, val_data))
     train_batches, val_batches = data_streams(data, config, model.config.image_size, val_data=val_data)
     return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=validate, resume=resume)
 
@@ -250,15 +291,22 @@ def train_dalle(
     tokenizer = prepare_tokenizer(out, data, model_config.text_vocab_size, tokenizer_path, resume)
 
     tokens = Path(tokens) if tokens is not None else out / "tokens"
-    if rank == 0 and not cache_is_current(tokens, vae_dir, data):
-        build_code_cache(vae, vae_dir, data, tokens, val_data=val_data, num_workers=config.num_workers, device=device)
+    augment = image_augment(config) if config.code_views > 1 else None
+    if rank == 0 and not cache_is_current(tokens, vae_dir, data, config.code_views, augment):
+        build_code_cache(
+            vae, vae_dir, data, tokens, val_data=val_data, num_workers=config.num_workers, device=device,
+            views=config.code_views, augment=augment,
+        )  # fmt: skip
     barrier()
     train_source = open_code_cache(tokens, "train")
     has_val = (tokens / "val-00000.npz").exists()
+    config = with_epochs(config, train_source, None if has_val else "train")
     if rank == 0:  # what the model knows, for prompt suggestions and the unseen-prompt notice
         trained = (record for record in train_source if has_val or not is_validation(record.key, config.val_fraction))
         write_training_prompts(out, (caption for record in trained for caption in record.captions))
     val_source = open_code_cache(tokens, "val") if has_val else train_source
+
+    templates = caption_templates(config)
 
     def train_stream(start_batch: int) -> SampleStream:
         return SampleStream(
@@ -271,6 +319,7 @@ def train_dalle(
             start_batch=start_batch,
             rank=rank,
             world_size=world,
+            caption_templates=templates,
         )
 
     def val_batches() -> Iterable[dict]:
