@@ -24,9 +24,9 @@ SOURCE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # presets in a
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run (not per epoch: streams have no fixed length)
-    epochs: float = 0.0  # above 0: sets steps to this many passes over the training split (counted at the start)
     batch_size: int = 64  # samples per optimizer step per process (before gradient accumulation)
     grad_accum: int = 1  # micro-batches summed per optimizer step; effective batch = batch_size * grad_accum * world
+    epochs: float = 0.0  # above 0: sets steps to this many passes over the training split (counted at the start)
     lr: float = 3e-4  # peak learning rate after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 100  # linear warmup from 0; short runs on small data need it less
