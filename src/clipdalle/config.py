@@ -40,7 +40,7 @@ class TrainConfig:
     save_every: int = 200  # steps between checkpoints (the run also saves at its last step)
     keep_best: bool = True  # keep the weights of the lowest validation loss in RUN/best/, which loading prefers
     early_stop: int = 0  # stop after this many evaluations in a row without a lower validation loss; 0 = never
-    max_seconds: float = 0.0  # stop (with a checkpoint) after this many seconds of training; 0 = no limit
+    max_seconds: float = 0.0  # stop (with a checkpoint) after this many seconds; the lr decay then ends by it too
     log_every: int = 10  # steps between training-metric rows in metrics.csv
     seed: int = 0  # seeds initialisation, data order, augmentation and sampling noise
     num_workers: int = 0  # data-loader processes per training process; 0 decodes between steps, which on few cores

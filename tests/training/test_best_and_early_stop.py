@@ -142,3 +142,13 @@ def test_pretrained_load_and_weights_file_follow_the_best_weights(tiny_clip_run)
     model, _, _ = pretrained.load(tiny_clip_run, which="last")
     last = checkpoint.load_model(tiny_clip_run, which="last")
     assert torch.equal(model.logit_scale, last.logit_scale)
+
+
+def test_with_a_time_limit_the_schedule_follows_the_clock_when_it_is_ahead_of_the_steps():
+    from clipdalle.training.loop import schedule_step
+
+    limited = TrainConfig(steps=1000, max_seconds=100)
+    assert schedule_step(200, limited, elapsed=10) == 200  # steps ahead of the clock
+    assert schedule_step(200, limited, elapsed=50) == 500  # a slow run: half the time gone, half the decay done
+    assert schedule_step(200, limited, elapsed=500) == 1000
+    assert schedule_step(200, TrainConfig(steps=1000), elapsed=500) == 200  # no limit: steps alone

@@ -14,6 +14,7 @@ measurements and fits are in benchmarks/RESULTS.md, "Scaling").
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,45 +44,71 @@ class Speed:
 # AdamW); "dalle_sample": one generated sample in a batch of 128 (forward only, KV cache), "encode": the dVAE's or
 # CLIP's forward pass in evaluation, index and token-cache stages (a third of a training step's FLOPs).
 RECORDED = {
-    "vae": Speed(scale=1.318, exponent=0.833),
-    "clip": Speed(scale=1.813, exponent=0.851),
-    "dalle": Speed(scale=1.436, exponent=0.984),
-    "dalle_sample": Speed(scale=4.0, exponent=0.9),
-    "encode": Speed(scale=1.5, exponent=0.85),
+    "vae": Speed(scale=1.0575, exponent=0.7845),
+    "clip": Speed(scale=1.9328, exponent=0.9127),
+    "dalle": Speed(scale=1.2931, exponent=0.9714),
+    "dalle_sample": Speed(scale=1.1564, exponent=0.8547),
+    "encode": Speed(scale=1.0456, exponent=0.781),
 }
 PARALLEL_GAIN = 0.85  # speed-up per core of a stage on all cores when they are free: 2 cores ran the demo dVAE 1.78x
 PARALLEL_MIN_PROBE_GAIN = 1.5  # all cores are used only when the probe on all of them beats one thread by this much
-DECODE_S = 2.2e-4  # seconds per image read and decoded, beside its pixels (PNG, Pillow)
-DECODE_S_PER_PIXEL = 3.0e-8  # seconds per source pixel decoded and resized
+DECODE_S = 1.9e-4  # seconds per image read and decoded, beside its pixels (PNG, Pillow)
+DECODE_S_PER_PIXEL = 2.0e-8  # seconds per source pixel decoded and resized
 
 
 def matmul_probe(threads: int, seconds: float = PROBE_SECONDS, device: str | torch.device = "cpu") -> float:
     """GFLOP/s of repeated PROBE_SIZE x PROBE_SIZE fp32 matmuls on `threads` threads for about `seconds` (the median
-    of ten slices): the share of the machine this process gets now, busy or not."""
+    of slices of it): the share of the machine this process gets now, busy or not."""
     device = torch.device(device)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        size = PROBE_SIZE if device.type == "cpu" else 4096
-        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-        a @ b  # warm-up
-        rates = []
-        deadline = time.perf_counter() + seconds
-        while len(rates) < 10 or time.perf_counter() < deadline:
-            start = time.perf_counter()
-            repeats = 0
-            while repeats < 8 or time.perf_counter() - start < seconds / 20:
-                a @ b
-                repeats += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rates.append(2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
-            if len(rates) >= 40:
-                break
-        rates.sort()
-        return rates[len(rates) // 2]
+        return _probe_loop(seconds, device)
     finally:
         torch.set_num_threads(previous)
+
+
+def concurrent_probe(workers: int, seconds: float = PROBE_SECONDS) -> float:
+    """GFLOP/s each of `workers` one-thread matmul loops gets while they all run at once (Python threads: torch
+    releases the GIL), the median over them: what each of the pipeline's side-by-side trainings can expect, with the
+    machine's other load and each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rates = [0.0] * workers
+
+    def work(index: int) -> None:
+        rates[index] = _probe_loop(seconds, torch.device("cpu"))
+
+    try:
+        runners = [threading.Thread(target=work, args=(index,)) for index in range(workers)]
+        for runner in runners:
+            runner.start()
+        for runner in runners:
+            runner.join()
+    finally:
+        torch.set_num_threads(previous)
+    return sorted(rates)[len(rates) // 2]
+
+
+def _probe_loop(seconds: float, device: torch.device) -> float:
+    size = PROBE_SIZE if device.type == "cpu" else 4096
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    rates = []
+    deadline = time.perf_counter() + seconds
+    while len(rates) < 10 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        repeats = 0
+        while repeats < 8 or time.perf_counter() - start < seconds / 20:
+            a @ b
+            repeats += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(2 * size**3 * repeats / (time.perf_counter() - start) / 1e9)
+        if len(rates) >= 40:
+            break
+    rates.sort()
+    return rates[len(rates) // 2]
 
 
 def build_model(kind: str, config: Any) -> torch.nn.Module:

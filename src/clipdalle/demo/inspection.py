@@ -44,6 +44,7 @@ VAL_TARGET = 128  # held-out images the split aims at: enough for R-precision ov
 VAL_FRACTION_RANGE = (0.02, 0.15)  # but never less than 2 % (large collections) or more than 15 % (small ones)
 TOKENIZER_VOCAB = 1000  # the caption tokenizer the plan trains (the demo's size); captions are measured in its tokens
 EXAMPLES = 5  # file names shown per finding
+PROGRESS_FROM = 2000  # a progress bar for collections of this many images (smaller ones are read in a second)
 
 
 @dataclass
@@ -147,7 +148,8 @@ def inspect_collection(
     uncaptioned: list[str] = []
     modes: dict[str, int] = {}
     listed = sum(len(source) if isinstance(source, FileSource) else 0 for source in sources.values()) or None
-    bar = tqdm(total=listed, desc="reading the collection", unit="img", disable=not progress)
+    shown = progress and (listed is None or listed >= PROGRESS_FROM)
+    bar = tqdm(total=listed, desc="reading the collection", unit="img", disable=not shown)
     for split, source in sources.items():
         for record in source:
             bar.update(1)

@@ -161,6 +161,7 @@ class Machine:
     cores: int  # CPU cores
     probe_one: float  # GFLOP/s of the matmul probe on one thread (or the GPU)
     probe_all: float  # ... on all cores
+    probe_pair: float = 0.0  # ... on each of two one-thread loops at once (dVAE and CLIP side by side); 0: probe_one
 
     @property
     def parallel(self) -> bool:
@@ -185,8 +186,9 @@ def measure_machine(device: str = "cpu", seconds: float = 0.5) -> Machine:
     cores = os.cpu_count() or 1
     if device.startswith("cuda"):
         probe = costs.matmul_probe(1, seconds, device)
-        return Machine("cuda", cores, probe, probe)
-    return Machine("cpu", cores, costs.matmul_probe(1, seconds), costs.matmul_probe(cores, seconds))
+        return Machine("cuda", cores, probe, probe, probe)
+    one, everything = costs.matmul_probe(1, seconds), costs.matmul_probe(cores, seconds)
+    return Machine("cpu", cores, one, everything, costs.concurrent_probe(2, seconds))
 
 
 def parse_budget(text: str) -> float:
@@ -240,12 +242,14 @@ class Choice:
 
 
 def step_seconds(kind: str, config: Any, batch: int, machine: Machine, alone: bool, source_pixels: float) -> float:
-    """Predicted seconds of one training step (costs.RECORDED at one thread, sped up when the stage runs alone on
-    free cores); image models also decode the batch."""
+    """Predicted seconds of one training step (costs.RECORDED at one thread): alone, at the one-thread probe's rate and
+    sped up when free cores let it use them all; side by side with another training, at the rate each of two
+    concurrent probes got. Image models also decode the batch."""
     flops = batch * flops_of(kind, config)
     pixels = batch * source_pixels if kind in ("vae", "clip") else 0.0
-    seconds = costs.training_step_seconds(kind, flops, machine.probe_one, pixels)
-    return seconds / machine.gain_alone if alone else seconds
+    if alone:
+        return costs.training_step_seconds(kind, flops, machine.probe_one, pixels) / machine.gain_alone
+    return costs.training_step_seconds(kind, flops, machine.probe_pair or machine.probe_one, pixels)
 
 
 def encode_seconds(kind: str, config: Any, images: int, machine: Machine, source_pixels: float) -> float:
@@ -386,8 +390,9 @@ def make_plan(
     choices: list[str] = [
         f"budget {format_seconds(budget_s)}: {format_seconds(spent_s)} spent reading the data; stages planned to fill "
         f"{BUDGET_MARGIN:.0%} of it ({format_seconds(usable)} left)",
-        f"machine: {machine.cores} core(s), probe {machine.probe_one:.0f} GFLOP/s on one thread and "
-        f"{machine.probe_all:.0f} on all: a stage alone runs on {machine.threads_alone} thread(s)"
+        f"machine: {machine.cores} core(s), probe {machine.probe_one:.0f} GFLOP/s on one thread, "
+        f"{machine.probe_all:.0f} on all, {machine.probe_pair:.0f} on each of two at once: a stage alone runs on "
+        f"{machine.threads_alone} thread(s)"
         + ("" if machine.parallel else " (the cores are busy: more threads would be slower)"),
         f"text length {text_length} tokens: 99 % of captions have {report['captions']['tokens']['p99']} or fewer"
         + (f", plus {TEMPLATE_TOKENS} for a caption template" if regularise else ""),
@@ -493,7 +498,8 @@ def make_plan(
             "cores": machine.cores,
             "probe_one": round(machine.probe_one, 1),
             "probe_all": round(machine.probe_all, 1),
-        },  # fmt: skip
+            "probe_pair": round(machine.probe_pair, 1),
+        },
         "choices": choices,
     }
 

@@ -49,6 +49,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def schedule_step(step: int, config: TrainConfig, elapsed: float) -> float:
+    """The step the schedules (learning rate, loss schedules) are at: `step`, or further on when a time limit is set
+    and the run is slower than its steps (elapsed / max_seconds of the way), so a run stopped by its time limit has
+    finished its decay. Steps alone decide without a time limit (a resumed run then replays exactly)."""
+    if config.max_seconds <= 0:
+        return float(step)
+    return max(float(step), min(1.0, elapsed / config.max_seconds) * config.steps)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices only; gains, biases, embeddings and scales are left alone."""
     embedding_params = {
@@ -278,7 +287,10 @@ def _train(
         step = config.steps  # the loop below does not run; the run is left as it was
 
     while step < config.steps:
-        lr = lr_at(step, config)
+        at = step
+        if config.max_seconds > 0:  # every rank follows rank 0's clock
+            at = schedule_step(step, config, rank_zero_value(time.perf_counter() - started, device))
+        lr = lr_at(int(at), config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         seed_step(config.seed, step, rank)
@@ -295,7 +307,7 @@ def _train(
             items_since += len(batch[items_key])
             sync = world == 1 or micro_step == config.grad_accum - 1
             with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
-                loss, metrics = loss_fn(model, batch, step / config.steps)
+                loss, metrics = loss_fn(model, batch, at / config.steps)
                 scaler.scale(loss / config.grad_accum).backward()
             finite = finite and math.isfinite(float(loss.detach()))
             for name, value in metrics.items():
@@ -397,11 +409,16 @@ def _train(
 
 def rank_zero_says(flag: bool, device: torch.device) -> bool:
     """Rank 0's `flag` on every rank (one broadcast under torch.distributed; the flag itself otherwise)."""
+    return rank_zero_value(1.0 if flag else 0.0, device) == 1.0
+
+
+def rank_zero_value(number: float, device: torch.device) -> float:
+    """Rank 0's `number` on every rank (one broadcast under torch.distributed; the number itself otherwise)."""
     if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+        return number
+    value = torch.tensor([float(number)], dtype=torch.float64, device=device)
     dist.broadcast(value, src=0)
-    return bool(value.item() == 1.0)
+    return float(value.item())
 
 
 def gradients_are_finite(model: torch.nn.Module) -> bool:
