@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements of benchmarks/RESULTS.md, "Your own images": `clipdalle pipeline` on two collections that are not
-# the built-in icons (benchmarks/make_collections.py), with and without regularisation and best weights (--plain), at
-# 25 minutes, and at 2 hours on one of them. Every figure of the comparisons is scored by one judge CLIP per collection,
+# the built-in icons (benchmarks/make_collections.py) at 25 minutes, and the same plan without regularisation and best
+# weights (--plain), and at 2 hours on one of them. Every figure of the comparisons is scored by one judge CLIP per collection,
 # trained once on all of its images, so runs whose own CLIPs differ are judged alike.
 #
 #   PYTHONPATH=src bash benchmarks/collection_runs.sh [STEP ...]    # steps: collections judges fa6 words fa6-2h
@@ -39,12 +39,19 @@ EOF
         $train --data $ART/words --out $ART/judge-words & wait"
 }
 
-pipeline() {  # pipeline NAME COLLECTION BUDGET [FLAGS...]
-    local name=$1 collection=$2 budget=$3
-    shift 3
+pipeline() {  # pipeline NAME COLLECTION FLAGS...: a fresh run in $ART/runs/NAME, judged by the collection's judge
+    local name=$1 collection=$2
+    shift 2
     rm -rf "$ART/runs/$name"
-    logged "$name" $PY -m clipdalle pipeline --data "$ART/$collection" --out "$ART/runs/$name" --budget "$budget" \
+    logged "$name" $PY -m clipdalle pipeline --data "$ART/$collection" --out "$ART/runs/$name" \
         --judge-clip "$ART/judge-$collection" "$@"
+}
+
+compare() {  # compare NAME COLLECTION BASELINE FLAGS...: NAME's report drawn again beside the baseline's figures
+    local name=$1 collection=$2 baseline=$3
+    shift 3
+    $PY -m clipdalle pipeline --data "$ART/$collection" --out "$ART/runs/$name" --judge-clip "$ART/judge-$collection" \
+        --baseline "$ART/runs/$baseline" "$@" >>"$ART/logs/$name.log" 2>&1
 }
 
 steps=${*:-collections judges fa6 words fa6-2h}
@@ -57,12 +64,13 @@ for step in $steps; do
     judges)
         judges
         ;;
-    fa6 | words)  # the plain run first: the regularised one's report compares with it
-        pipeline "$step-25m-plain" "$step" 25m --plain
-        pipeline "$step-25m" "$step" 25m --baseline "$ART/runs/$step-25m-plain"
+    fa6 | words)  # the regularised run plans for 25 minutes; the plain one runs its plan without regularisation
+        pipeline "$step-25m" "$step" --budget 25m
+        pipeline "$step-25m-plain" "$step" --preset "$ART/runs/$step-25m/plan.json" --plain
+        compare "$step-25m" "$step" "$step-25m-plain" --budget 25m
         ;;
     fa6-2h)
-        pipeline fa6-2h fa6 2h --baseline "$ART/runs/fa6-25m"
+        pipeline fa6-2h fa6 --budget 2h --baseline "$ART/runs/fa6-25m"
         ;;
     *)
         echo "unknown step $step (collections judges fa6 words fa6-2h)" >&2

@@ -38,6 +38,7 @@ class PipelineState:
     job_seconds: dict[str, float] = field(default_factory=dict)  # each training process's wall time
     timings: dict[str, float] = field(default_factory=dict)  # stage name -> seconds, one entry per stage
     stage_log: list[dict[str, Any]] = field(default_factory=list)  # seconds and load average of each stage run
+    prepared_s: float = 0.0  # seconds before the stages (reading the data and planning), counted in the first stage
 
     @property
     def pair_threads(self) -> int:
@@ -108,6 +109,9 @@ class Collection(ABC):
     @abstractmethod
     def write_report(self, state: PipelineState) -> Path:
         """OUT/report.html."""
+
+    def report_done(self, state: PipelineState) -> bool:
+        return (state.out / "report.html").exists()
 
     def clip_run(self, state: PipelineState) -> str | Path:
         """The CLIP that reranks, indexes and evaluates: OUT/clip (trained by the pipeline) unless a plan names one."""

@@ -142,7 +142,7 @@ def stages_of(collection: Collection) -> list[Stage]:
         ),  # fmt: skip
         Stage("index", file_exists("index", "info.json"), build_index_stage, ("CLIP training",)),
         Stage("evaluation", file_exists("eval.json"), evaluate, ("dVAE training", "CLIP training", "DALL·E training")),
-        Stage("report", file_exists("report.html"), report, ("dVAE evaluation", "DALL·E data", "index", "evaluation")),
+        Stage("report", collection.report_done, report, ("dVAE evaluation", "DALL·E data", "index", "evaluation")),
     ]
 
 
@@ -228,7 +228,7 @@ def run_collection(
     from ..config import load_preset
     from .folder_collection import FolderCollection
     from .inspection import format_report, inspect_collection
-    from .plan import PLAN_FILE, format_plan, make_plan, measure_machine, plan_configs
+    from .plan import PLAN_FILE, format_plan, make_plan, measure_machine, plan_configs, without_regularisation
 
     started = time.perf_counter()
     out = Path(out)
@@ -236,8 +236,9 @@ def run_collection(
         raise ValueError(
             "give --budget (the planner sizes the run) or --preset PLAN.json (a plan as written), not both"
         )
-    if clip is not None and not Path(clip).exists():
-        raise FileNotFoundError(f"--clip {clip}: no such CLIP run or weights file")
+    for flag, path in (("--clip", clip), ("--judge-clip", judge), ("--baseline", baseline)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or directory")
 
     def new_plan() -> tuple[dict[str, Any], tuple[dict[str, Any], list[Any]]]:
         inspected = inspect_collection(data, captions_from)
@@ -245,6 +246,7 @@ def run_collection(
         if preset is not None:
             spec = load_preset(preset)
             plan_configs(spec, preset)
+            spec = without_regularisation(spec) if plain and spec.get("regularise", True) else spec
         else:
             machine = measure_machine("cuda" if torch.cuda.is_available() else "cpu")
             spent = time.perf_counter() - started
@@ -254,6 +256,7 @@ def run_collection(
 
     if dry_run:
         spec, _ = new_plan()
+        print(f"(read and planned in {time.perf_counter() - started:.0f} s)", file=sys.stderr)
         print(format_plan(spec), file=sys.stderr)
         print(
             f"dry run: nothing written; the pipeline writes this plan to {out / PLAN_FILE} and runs it", file=sys.stderr
@@ -291,7 +294,9 @@ def run_collection(
             device=resolve_device(configs["dalle"][1].device),
             started=started,
         )
-        return run_stages(restore_state(state))
+        state = restore_state(state)
+        state.prepared_s = time.perf_counter() - started
+        return run_stages(state)
 
 
 def run_stages(state: PipelineState) -> Path:
@@ -317,7 +322,7 @@ def run_stages(state: PipelineState) -> Path:
         stage_start = time.perf_counter()
         with LoadSampler() as load:
             stage.run(state, restart)
-        seconds = round(time.perf_counter() - stage_start, 1)
+        seconds = round(time.perf_counter() - stage_start + (state.prepared_s if number == 1 else 0.0), 1)
         state.timings[stage.name] = measured[stage.name] = seconds
         state.ran.add(stage.name)
         state.stage_log = [entry for entry in state.stage_log if entry["name"] != stage.name]

@@ -136,6 +136,7 @@ REGULARISED = {
 }
 DALLE_DROPOUT = 0.1  # on embeddings, attention and residual branches of the regularised DALL·E
 PLAIN = {"vae": {}, "clip": {"weight_decay": 0.1}, "dalle": {"weight_decay": 0.01}}  # the demo presets' values
+PLAIN_TEXT = "plain (no regularisation): the last weights, no early stopping, augmentation, templates or dropout"
 PLAN_FILE = "plan.json"  # OUT/plan.json
 PLAN_SECTIONS = (
     "description", "collection", "budget_s", "images", "text_length", "vae", "clip", "dalle", "eval", "threads",
@@ -446,7 +447,7 @@ def make_plan(
         f"{PATIENCE} evaluations, random crops (80 % of the area at least) for the dVAE and CLIP, caption templates, "
         f"DALL·E dropout {DALLE_DROPOUT} and weight decay 0.1 on {views} cached code views per image"
         if regularise
-        else "plain (no regularisation): the last weights, no early stopping, augmentation, templates or dropout"
+        else PLAIN_TEXT
     )
     sections = {
         "vae": {"model": to_dict(vae.config), "train": train_settings("vae", vae, regularise, val_images, seed)},
@@ -530,6 +531,24 @@ def plan_configs(spec: dict[str, Any], name: str = "plan") -> dict[str, tuple[An
         clip_size = configs["clip"][0].image_size
         raise ValueError(f"{name}: clip image_size {clip_size} differs from the dVAE's {vae.image_size}")
     return configs
+
+
+def without_regularisation(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same plan (sizes, steps, budget) without regularisation or best weights: a baseline for it (`--plain` with
+    `--preset PLAN`)."""
+    plain = json.loads(json.dumps(spec))
+    defaults = to_dict(TrainConfig())
+    for kind in ("vae", "clip", "dalle"):
+        train = plain[kind].get("train")
+        if train is None:
+            continue
+        for name in REGULARISED[kind]:
+            train[name] = defaults[name]
+        train.update(PLAIN[kind], keep_best=False, early_stop=0)
+    plain["dalle"]["model"]["dropout"] = 0.0
+    plain.update(weights="last", regularise=False, description=spec.get("description", "") + ", plain")
+    plain["choices"] = [*spec.get("choices", []), "then made plain: " + PLAIN_TEXT]
+    return plain
 
 
 def format_plan(plan: dict[str, Any]) -> str:
