@@ -322,3 +322,21 @@ class BlockingJobs:
             return result
 
         return run
+
+
+# ------------------------------------------------------------------------------------------ tiny captioner
+
+
+def fit_captioner(model, codes: torch.Tensor, text: torch.Tensor, steps: int, lr: float = 1e-2) -> float:
+    """Trains a captioner on one fixed batch (codes (B, N), text (B, T)) with AdamW; returns the last loss."""
+    from clipdalle.models.captioner import loss
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        value = loss(model, codes, text)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    model.eval()
+    return value.item()

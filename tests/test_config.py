@@ -55,9 +55,9 @@ def test_flag_help_comes_from_field_comment():
 
 def test_every_preset_builds_the_configs_it_names():
     from clipdalle.demo.icon_collection import pipeline_configs
-    from clipdalle.models import CLIPConfig, DALLEConfig, DVAEConfig
+    from clipdalle.models import CaptionerConfig, CLIPConfig, DALLEConfig, DVAEConfig
 
-    model_configs = {"vae": DVAEConfig, "clip": CLIPConfig, "dalle": DALLEConfig}
+    model_configs = {"vae": DVAEConfig, "clip": CLIPConfig, "dalle": DALLEConfig, "captioner": CaptionerConfig}
     names = available_presets()
     assert {"demo", "small", "ml6", "vae-tiny", "clip-tiny", "dalle-tiny"} <= set(names)
     for name in names:

@@ -131,20 +131,41 @@ def test_openai_state_dict_parity_with_openai_model_py(openai_model_py, tmp_path
         torch.testing.assert_close(model.logits(images, text)[0], logits_per_image, atol=1e-4, rtol=0)
 
 
-def test_torchscript_archive_needs_trust(openai_model_py, tmp_path):
+def test_torchscript_archive_loads_its_tensors_without_running_its_code(openai_model_py, tmp_path, monkeypatch):
     state_dict = openai_state_dict(openai_model_py, resnet=False)
     reference = openai_reference(openai_model_py, state_dict)
     images, text = torch.rand(2, 3, 32, 32), token_ids(2, 16, end_id=VOCAB - 1)
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.trace(reference, (pixels(images), text), check_trace=False), str(path))
     assert is_torchscript(path)
-    with pytest.raises(ValueError, match="TorchScript archive, which runs code when loaded; pass trust_torchscript"):
-        load(path, tokenizer=no_tokenizer)
-    model, _, _ = load(path, tokenizer=no_tokenizer, trust_torchscript=True)
-    assert read_checkpoint(path, trust_torchscript=True).layout == "openai-torchscript"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the archive's code must not run")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    model, _, _ = load(path, tokenizer=no_tokenizer)
+    assert read_checkpoint(path).layout == "openai-torchscript"
     with torch.no_grad():
-        expected = normalise(reference.encode_image(pixels(images)))
-    torch.testing.assert_close(model.encode_image(images), expected, atol=1e-5, rtol=0)
+        expected_image = normalise(reference.encode_image(pixels(images)))
+        expected_text = normalise(reference.encode_text(text))
+    torch.testing.assert_close(model.encode_image(images), expected_image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.encode_text(text), expected_text, atol=1e-5, rtol=0)
+
+
+def test_a_pickle_that_calls_code_is_refused(tmp_path):
+    import pickle
+    import zipfile
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps(Payload()))
+        archive.writestr("evil/code/__torch__.py", "")
+    with pytest.raises(ValueError, match="refusing builtins.print"):
+        read_checkpoint(path)
 
 
 def test_default_tokenizer_for_openai_weights_is_the_installed_bpe(openai_model_py, tmp_path):
@@ -366,8 +387,8 @@ def test_open_clip_directory_reads_its_config(tmp_path):
     config = model.config
     assert (config.activation, config.vision_n_head, config.text_n_head, config.loss) == ("quick_gelu", 2, 4, "siglip")
     assert config.image_mean == [0.5, 0.5, 0.5] and "logit_bias" in model.state_dict()
-    values["model_cfg"]["vision_cfg"]["timm_model_name"] = "vit_base_patch16_siglip_224"
-    with pytest.raises(ValueError, match="vision_cfg.timm_model_name='vit_base_patch16_siglip_224'"):
+    values["model_cfg"]["vision_cfg"]["timm_model_name"] = "convnext_base"
+    with pytest.raises(ValueError, match="timm_model_name='convnext_base' .clipdalle reads timm's SigLIP ViTs"):
         config_from_open_clip(values, state_dict)
 
 

@@ -40,3 +40,25 @@ def test_every_metric_function_refuses_an_empty_set_alike():
             metrics(None, empty)
         with pytest.raises(ValueError, match="got no validation batches"):
             metrics(None, [])
+
+
+def test_bleu_and_cider_d_equal_coco_caption_on_icon_captions():
+    """Golden values from pycocoevalcap 1.2 (Bleu(4), Cider) on the same 200 seeded caption pairs."""
+    import random
+
+    from clipdalle.data import icons
+    from clipdalle.evaluate import cider_d, corpus_bleu
+
+    generator = random.Random(0)
+    names = ["cup", "dog", "account circle", "clock time one", "heart", "star outline", "home", "bell"]
+    colours = list(icons.PALETTE)
+    references, hypotheses = [], []
+    for _ in range(200):
+        name, colour = generator.choice(names), generator.choice(colours)
+        references.append(icons.captions_for(name.replace(" ", "-"), colour))
+        other_name = name if generator.random() < 0.5 else generator.choice(names)
+        other_colour = colour if generator.random() < 0.8 else generator.choice(colours)
+        hypotheses.append(generator.choice(icons.captions_for(other_name.replace(" ", "-"), other_colour)[:2]))
+    assert corpus_bleu(hypotheses, references) == pytest.approx(0.7444554918076374, abs=1e-9)
+    assert cider_d(hypotheses, references) == pytest.approx(2.8439887705462543, abs=1e-9)
+    assert corpus_bleu(["a b c"], [["x y z"]]) == 0.0 and cider_d(["x"], [["y"]]) == 0.0

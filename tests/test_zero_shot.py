@@ -77,3 +77,22 @@ def test_preprocess_resizes_the_shorter_side_and_centre_crops():
     assert 0.0 <= tensor.min() and tensor.max() <= 1.0
     torch.testing.assert_close(tensor[:, 16, 16], torch.tensor([1.0, 0.0, 0.0]))
     assert tensor[1:].mean() < 0.05  # the white sides were cropped away
+
+
+def test_a_siglip_shaped_model_classifies_ranks_and_guides():
+    from helpers import tiny_clip_config
+
+    from clipdalle.guide import guide
+    from clipdalle.models.clip import CLIP
+    from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
+
+    torch.manual_seed(0)
+    config = tiny_clip_config(architecture="siglip", text_pooling="last", loss="siglip", activation="gelu_tanh")
+    model = CLIP(config).eval()
+    tokenizer = WordTokenizer(WORDS)
+    probs = classify(model, colour_images(), list(FLAT_COLOURS), tokenizer, ["a {} icon"])
+    assert probs.shape == (4, 4) and ((probs > 0) & (probs < 1)).all()  # a sigmoid per label
+    assert rank(model, colour_images(), tokenizer(["a red icon"], 16), keep=2).shape == (2,)
+    vae = DiscreteVAE(DVAEConfig(image_size=16, vocab_size=8, n_embd=8, n_hidden=8)).eval()
+    result = guide(vae, model, tokenizer, "a red icon", steps=2, seed=0)
+    assert result.image.shape == (3, 16, 16)

@@ -287,7 +287,15 @@ def load_dalle(
     """A DALL·E run as (transformer, its dVAE from RUN/vae, its caption tokenizer), in eval mode; `which` picks the
     transformer's weights (see `load_model`). The dVAE is always the one the codes came from: RUN/vae as training
     loaded it (its best weights when it kept them)."""
+    return load_code_model(run_dir, expect="dalle", device=device, which=which)
+
+
+def load_code_model(
+    run_dir: str | Path, expect: str, device: str | torch.device = "cpu", which: str = "best"
+) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """A run of a model trained on dVAE codes and captions (`expect`: dalle, captioner) as (model, its dVAE from
+    RUN/vae, its caption tokenizer), in eval mode; `which` picks the model's weights (see `load_model`)."""
     run_dir = Path(run_dir)
-    model = load_model(run_dir, expect="dalle", device=device, which=which)
+    model = load_model(run_dir, expect=expect, device=device, which=which)
     vae = load_model(run_dir / "vae", expect="dvae", device=device)
     return model, vae, CaptionTokenizer.load(run_dir / TOKENIZER_FILE)

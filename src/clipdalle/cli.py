@@ -118,7 +118,7 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     from .models.dvae import DVAEConfig
     from .training import train_vae
 
-    run_training(args, DVAEConfig, "dvae", train_vae)
+    run_training(args, DVAEConfig, "dvae", train_vae, extra_data=args.extra_data or [])
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
@@ -129,6 +129,7 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         given = ", ".join(f"--{name.replace('_', '-')}" for name in flags_for(CLIPConfig, args))
         raise ValueError(f"--init takes the model's shape from its weights; drop {given}")
     options = dict(tokenizer_path=args.tokenizer, init=args.init, lock_image=args.lock_image)
+    options["extra_data"] = args.extra_data or []
     run_training(args, CLIPConfig, "clip", train_clip, **options)
 
 
@@ -139,6 +140,16 @@ def cmd_train_dalle(args: argparse.Namespace) -> None:
     run_training(
         args, DALLEConfig, "dalle", train_dalle, vae_run=args.vae, tokenizer_path=args.tokenizer, tokens=args.tokens
     )
+
+
+def cmd_train_captioner(args: argparse.Namespace) -> None:
+    from .models.captioner import CaptionerConfig
+    from .training import train_captioner
+
+    run_training(
+        args, CaptionerConfig, "captioner", train_captioner, vae_run=args.vae, tokenizer_path=args.tokenizer,
+        tokens=args.tokens,
+    )  # fmt: skip
 
 
 def cmd_tokens_cache(args: argparse.Namespace) -> None:
@@ -308,26 +319,16 @@ def read_labels(args: argparse.Namespace) -> list[str]:
 def cmd_classify(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
-    from . import pretrained, zero_shot
+    from . import zero_shot
+    from .backends import load_encoder
     from .runtime import resolve_device
-    from .transforms import BadImage
 
     device = resolve_device(args.device)
-    model, preprocess, tokenizer = pretrained.load(args.clip, device=device)
+    model, preprocess, tokenizer = load_encoder(args.clip, backend=args.backend, device=device)
     labels = read_labels(args)
     templates = [t for t in (args.templates or "").split("|") if t] or None
-    paths, images = [], []
-    for path in image_paths(args.images):
-        try:
-            images.append(preprocess(path))
-            paths.append(path)
-        except BadImage as error:
-            print(f"skipped: {error}", file=sys.stderr)
-    if not images:
-        raise ValueError("classify: none of the given images could be read")
-    probabilities = zero_shot.classify(model, torch.stack(images).to(device), labels, tokenizer, templates).cpu()
+    paths, images = read_images(image_paths(args.images), preprocess, "classify")
+    probabilities = zero_shot.classify(model, images.to(device), labels, tokenizer, templates).cpu()
     top = min(args.top, len(labels))
     results = []
     for path, row in zip(paths, probabilities):
@@ -344,6 +345,95 @@ def cmd_classify(args: argparse.Namespace) -> None:
         print(f"{result['image']}: {ranked}")
 
 
+def read_images(paths: list[Path], preprocess: Callable, command: str) -> tuple[list[Path], Any]:
+    """(the readable paths, their model inputs (N, 3, S, S)); unreadable images are reported and skipped."""
+    import torch
+
+    from .transforms import BadImage
+
+    kept, images = [], []
+    for path in paths:
+        try:
+            images.append(preprocess(path))
+            kept.append(path)
+        except BadImage as error:
+            print(f"skipped: {error}", file=sys.stderr)
+    if not images:
+        raise ValueError(f"{command}: none of the given images could be read")
+    return kept, torch.stack(images)
+
+
+def caption_tables(args: argparse.Namespace, tokenizer: Any) -> Any:
+    """The label tables of `caption`: --labels FILE, or --index INDEX cut by --template, or the CLIP's vocabulary."""
+    from . import caption
+
+    if args.labels and args.index:
+        raise ValueError("caption: give --labels FILE or --index INDEX as the source of terms, not both")
+    if args.template and not args.index:
+        raise ValueError("caption: --template cuts an index's captions into tables; a labels file has template: lines")
+    if args.labels:
+        return caption.read_label_tables(args.labels)
+    if args.index:
+        from .index.store import stored_captions
+
+        return caption.tables_from_captions(stored_captions(args.index), args.template)
+    return caption.vocabulary_table(tokenizer)
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    from . import caption, pretrained
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    clip = pretrained.load(args.clip, device=device)
+    model, preprocess, tokenizer = clip
+    paths, images = read_images(image_paths(args.images), preprocess, "caption")
+    if args.captioner:
+        if args.labels or args.index:
+            raise ValueError("caption: --captioner writes captions itself; drop --labels / --index")
+        captioner = caption.load_captioner(args.captioner, device=device)
+        results = []
+        for start in range(0, len(images), args.batch_size):
+            results += caption.captioner_captions(
+                clip, captioner, images[start : start + args.batch_size], n=args.n, temperature=args.temperature,
+                seed=args.seed,
+            )  # fmt: skip
+    else:
+        results = caption.rank_terms(model, tokenizer, images, caption_tables(args, tokenizer))
+    for path, result in zip(paths, results):
+        result["image"] = str(path)
+    if args.write_txt:
+        files = caption.write_caption_files(paths, [result["caption"] for result in results], args.overwrite)
+        if files["kept"]:
+            print(f"kept {len(files['kept'])} existing .txt file(s) (--overwrite replaces them)", file=sys.stderr)
+        print(f"wrote {len(files['written'])} caption file(s)", file=sys.stderr)
+    if args.json:
+        print_json(results)
+        return
+    for result in results:
+        print(f"{result['image']}: {result['caption']}  ({result['score']:.3f})")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import pretrained
+    from .checkpoint import write_json
+    from .explain import explain_image, heat, overlay
+    from .runtime import resolve_device
+    from .transforms import save_image
+
+    device = resolve_device(args.device)
+    model, preprocess, tokenizer = pretrained.load(args.clip, device=device)
+    _, images = read_images([Path(args.image)], preprocess, "explain")
+    result = explain_image(model, tokenizer, images[0], args.text, method=args.method)
+    out = Path(args.out)
+    picture = overlay(images[0], heat(torch.tensor(result["relevance"])), size=max(args.size, images.shape[-1]))
+    save_image(picture, out / "overlay.png")
+    write_json(out / "explanation.json", {"image": str(args.image), **result})
+    print(f"score {result['score']:.3f}, peak at {result['peak']}; wrote {out / 'overlay.png'}")
+
+
 def cmd_probe(args: argparse.Namespace) -> None:
     import json
 
@@ -357,10 +447,40 @@ def cmd_probe(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert
 
-    path = convert(
-        args.source, args.out, to=args.to, quick_gelu=args.quick_gelu, trust_torchscript=args.trust_torchscript
-    )
+    path = convert(args.source, args.out, to=args.to, quick_gelu=args.quick_gelu)
     print(f"wrote {path}")
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    from .hub import format_size, list_models
+
+    rows = [row for row in list_models() if row["cached"] or not args.cached]
+    if args.json:
+        print_json(rows)
+        return
+    width = max((len(row["name"]) for row in rows), default=4)
+    print(f"{'NAME':<{width}}  {'SOURCE':<12}  {'CACHED':<6}  SIZE")
+    for row in rows:
+        size = format_size(row["size_bytes"]) if row["cached"] else "-"
+        print(f"{row['name']:<{width}}  {row['source']:<12}  {'yes' if row['cached'] else 'no':<6}  {size}")
+
+
+def cmd_models_download(args: argparse.Namespace) -> None:
+    from .hub import format_size, offline, resolve
+
+    if offline():
+        raise ValueError("models download: offline mode is on (HF_HUB_OFFLINE or CLIPDALLE_OFFLINE); unset it first")
+    for name in args.names:
+        files = resolve(name, fetch="refresh")
+        size = sum(path.stat().st_size for path in files.files)
+        print(f"{name}: {files.path} ({format_size(size)})")
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from .backends import export_onnx
+
+    out = export_onnx(args.clip, args.out, quick_gelu=args.quick_gelu)
+    print(f"wrote {out} (image.onnx, text.onnx, the tokenizer, clipdalle_onnx.json)")
 
 
 def cmd_guide(args: argparse.Namespace) -> None:
@@ -408,8 +528,9 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
     device = str(resolve_device(args.device))
     info = build_index(
-        args.clip, args.data, args.out, batch_size=args.batch_size, num_workers=args.num_workers, device=device
-    )
+        args.clip, args.data, args.out, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+        backend=args.backend,
+    )  # fmt: skip
     if info:
         print_json(info)
 
@@ -418,7 +539,8 @@ def cmd_index_add(args: argparse.Namespace) -> None:
     from .index import add_to_index
     from .runtime import resolve_device
 
-    print_json(add_to_index(args.index, args.data, batch_size=args.batch_size, device=str(resolve_device(args.device))))
+    device = str(resolve_device(args.device))
+    print_json(add_to_index(args.index, args.data, batch_size=args.batch_size, device=device, backend=args.backend))
 
 
 def cmd_index_remove(args: argparse.Namespace) -> None:
@@ -443,16 +565,65 @@ def cmd_index_export(args: argparse.Namespace) -> None:
     print_json(export_index(args.index, args.out))
 
 
-def cmd_search(args: argparse.Namespace) -> None:
-    from .index import search
+def cmd_index_duplicates(args: argparse.Namespace) -> None:
+    from .index import Index
+    from .index.duplicates import DEFAULT_THRESHOLD, find_duplicates
     from .runtime import resolve_device
 
-    if (args.query is None) == (args.image is None):
-        raise ValueError('search: give a text query ("a cat wearing sunglasses") or --image FILE, not both')
-    results = search(
-        args.index, text=args.query, image=args.image, k=args.k, min_score=args.min_score,
-        device=str(resolve_device(args.device)),
-    )  # fmt: skip
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    with Index.open(args.index, device=str(resolve_device(args.device))) as index:
+        report = find_duplicates(index, threshold)
+    if args.json:
+        print_json(report)
+        return
+    print(
+        f"{report['groups_total']} group(s) of near-duplicates, {report['grouped']} of {report['images']} images "
+        f"(cosine > {threshold})"
+    )
+    for group in report["groups"]:
+        print(f"{len(group['ids'])} images, cosine {group['min_score']:.3f} to {group['max_score']:.3f}:")
+        for image in group["images"]:
+            print(f"  #{image['id']}  {image['path']}")
+
+
+def cmd_index_sync(args: argparse.Namespace) -> None:
+    from .index.sync import sync_folder
+    from .runtime import resolve_device
+
+    device = str(resolve_device(args.device))
+    print_json(
+        sync_folder(args.index, args.data, batch_size=args.batch_size, num_workers=args.num_workers, device=device)
+    )
+
+
+def query_terms(args: argparse.Namespace) -> list[Any]:
+    """The search's terms: the query in the grammar of `index.query.parse_query` (image files allowed), then
+    --image, --minus and --minus-image, with --weights (one per term, in that order) multiplying their weights."""
+    from .index.query import Term, apply_weights, parse_query
+
+    terms = parse_query(args.query, allow_paths=True) if args.query is not None else []
+    terms += [Term("path", path) for path in args.image or []]
+    terms += [Term("text", text.strip(), -1.0) for text in args.minus or []]
+    terms += [Term("path", path, -1.0) for path in args.minus_image or []]
+    if not terms:
+        raise ValueError('search: give a text query ("a cat wearing sunglasses"), --image FILE, or both')
+    if args.weights is not None:
+        try:
+            weights = [float(part) for part in args.weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 2,1,1") from None
+        terms = apply_weights(terms, weights)
+    return terms
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .index import Index
+    from .index.query import search_terms
+    from .runtime import resolve_device
+
+    terms = query_terms(args)
+    with Index.open(args.index, device=str(resolve_device(args.device)), backend=args.backend) as index:
+        results = search_terms(index, terms, k=args.k, min_score=args.min_score)
     if args.json:
         print_json(results)
         return
@@ -465,7 +636,8 @@ def cmd_moderate(args: argparse.Namespace) -> None:
     from .index import moderate
     from .runtime import resolve_device
 
-    report = moderate(args.index, args.concepts, calibrate=args.calibrate, device=str(resolve_device(args.device)))
+    device = str(resolve_device(args.device))
+    report = moderate(args.index, args.concepts, calibrate=args.calibrate, device=device, backend=args.backend)
     if args.json:
         print_json(report)
         return
@@ -561,9 +733,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     if settings.rerank < 1:
         raise ValueError(f"--rerank {settings.rerank}: expected at least 1 candidate per image")
-    models = load_models(args.pipeline_dir, index=args.index, clip=args.clip, dalle=args.dalle, device=settings.device)
+    models = load_models(
+        args.pipeline_dir, index=args.index, clip=args.clip, dalle=args.dalle, captioner=args.captioner,
+        device=settings.device, backend=args.backend,
+    )  # fmt: skip
     app = create_app(models, settings)
-    loaded = [name for name in ("index", "clip", "dalle") if getattr(models, name) is not None]
+    loaded = [name for name in ("index", "clip", "dalle", "captioner") if getattr(models, name) is not None]
     print(f"serving {', '.join(loaded)} on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
     if api_key is None and args.host not in LOCAL_HOSTS:
         print(
@@ -581,8 +756,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ the table
 
 
-def add_training_flags(parser: argparse.ArgumentParser, model_config_class: type) -> None:
+def add_training_flags(parser: argparse.ArgumentParser, model_config_class: type, extra_data: bool = False) -> None:
     parser.add_argument("--data", required=True, help="dataset: folder, .tar shards (glob/brace), or manifest")
+    if extra_data:
+        parser.add_argument(
+            "--extra-data", action="append", metavar="PATH[:REPEATS]",
+            help="another dataset mixed into the training data, read REPEATS times per epoch (repeatable)",
+        )  # fmt: skip
     parser.add_argument("--out", required=True, help="run directory to write")
     parser.add_argument("--val-data", default=None, help="validation dataset (default: DATA/val or a hash hold-out)")
     parser.add_argument("--preset", default=None, help="preset name in configs/ (e.g. tiny, demo) or a .json path")
@@ -595,8 +775,18 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when present)")
 
 
+def add_backend_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnx"),
+        help="where the CLIP runs: torch, onnx (onnxruntime; a model is exported once into the cache), or auto "
+        "(the faster on this CPU, see benchmarks/RESULTS.md)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .models import CLIPConfig, DALLEConfig, DVAEConfig
+    from .models import CaptionerConfig, CLIPConfig, DALLEConfig, DVAEConfig
 
     parser = Parser(prog="clipdalle", description="Train and use DALL·E and CLIP on your own images.")
     parser.add_argument("--version", action="version", version=f"clipdalle {__version__}")
@@ -622,10 +812,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--out", required=True, help="tokenizer.json to write")
 
     train = commands.add_parser("train", help="train a model").add_subparsers(dest="what", required=True)
-    add_training_flags(command(train, "vae", cmd_train_vae, "train the discrete VAE (image tokenizer)"), DVAEConfig)
+    vae_parser = command(train, "vae", cmd_train_vae, "train the discrete VAE (image tokenizer)")
+    add_training_flags(vae_parser, DVAEConfig, extra_data=True)
 
     train_clip_parser = command(train, "clip", cmd_train_clip, "train or fine-tune CLIP on image-caption pairs")
-    add_training_flags(train_clip_parser, CLIPConfig)
+    add_training_flags(train_clip_parser, CLIPConfig, extra_data=True)
     train_clip_parser.add_argument("--tokenizer", default=None, help="caption tokenizer.json (default: train one)")
     train_clip_parser.add_argument("--init", default=None, help="start from a CLIP: a run, OpenAI .pt, open_clip, HF")
     train_clip_parser.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
@@ -635,6 +826,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_dalle_parser.add_argument("--vae", required=True, help="the dVAE run whose codes the model learns")
     train_dalle_parser.add_argument("--tokenizer", default=None, help="caption tokenizer.json (default: train one)")
     train_dalle_parser.add_argument("--tokens", default=None, help="token cache folder (default: OUT/tokens)")
+
+    train_captioner_parser = command(
+        train, "captioner", cmd_train_captioner, "train a captioner (DALL·E's stream reversed) on dVAE codes"
+    )
+    add_training_flags(train_captioner_parser, CaptionerConfig)
+    train_captioner_parser.add_argument("--vae", required=True, help="the dVAE run whose codes the model reads")
+    train_captioner_parser.add_argument("--tokenizer", default=None, help="caption tokenizer.json (default: train one)")
+    train_captioner_parser.add_argument("--tokens", default=None, help="token cache folder (default: OUT/tokens)")
 
     tokens = commands.add_parser("tokens", help="dVAE token cache").add_subparsers(dest="what", required=True)
     cache = command(tokens, "cache", cmd_tokens_cache, "encode a dataset to dVAE codes once")
@@ -647,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     def sampling_parser(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
         sub = command(commands, name, handler, help_text)
         sub.add_argument("--dalle", required=True, help="DALL·E run (its dVAE and tokenizer come with it)")
-        sub.add_argument("--clip", default=None, help="CLIP run or weights to rerank the samples")
+        sub.add_argument("--clip", default=None, help="CLIP run, weights or model name to rerank the samples")
         sub.add_argument("--out", required=True, help="output folder: NNN.png, grid.png, results.json")
         sub.add_argument("-n", type=int, default=16, help="samples per prompt")
         sub.add_argument("--keep", type=int, default=None, help="best samples kept per prompt (default: all)")
@@ -676,16 +875,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = command(commands, "classify", cmd_classify, "zero-shot classification of images from text labels")
     classify.add_argument("images", nargs="+", help="image files or folders")
-    classify.add_argument("--clip", required=True, help="CLIP: a run directory or OpenAI/open_clip/HF weights")
+    classify.add_argument("--clip", required=True, help="CLIP: a run, OpenAI/open_clip/HF weights or a model name")
     classify.add_argument("--labels", default=None, help="comma-separated labels")
     classify.add_argument("--labels-file", default=None, help="a file with one label per line")
     classify.add_argument("--templates", default=None, help="prompt templates separated by |, e.g. 'a photo of a {}.'")
     classify.add_argument("--top", type=int, default=5, help="labels to show per image")
     classify.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
     add_runtime_flags(classify)
+    add_backend_flag(classify)
+
+    caption = command(commands, "caption", cmd_caption, "caption images: CLIP-ranked label tables or a captioner")
+    caption.add_argument("images", nargs="+", help="image files or folders")
+    caption.add_argument("--clip", required=True, help="CLIP: a run directory or OpenAI/open_clip/HF weights")
+    caption.add_argument("--captioner", "--dalle", default=None, help="a captioner run: sample, then rerank by CLIP")
+    caption.add_argument("--labels", default=None, help="label tables: one term per line, [table] headers, template:")
+    caption.add_argument("--index", default=None, help="take the terms from this index's captions (see --template)")
+    caption.add_argument("--template", action="append", help="with --index: e.g. 'a {colour} icon of a {thing}'")
+    caption.add_argument("--write-txt", action="store_true", help="write a same-stem .txt beside each image")
+    caption.add_argument("--overwrite", action="store_true", help="with --write-txt: replace existing .txt files")
+    caption.add_argument("-n", type=int, default=16, help="captioner: captions sampled per image")
+    caption.add_argument("--temperature", type=float, default=1.0, help="captioner: sampling temperature (0: greedy)")
+    caption.add_argument("--seed", type=int, default=0, help="captioner: sampling seed")
+    caption.add_argument("--batch-size", type=int, default=64, help="captioner: images sampled at once")
+    caption.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    add_runtime_flags(caption)
+
+    explain = command(commands, "explain", cmd_explain, "where in an image a text matches: a relevance map")
+    explain.add_argument("image", help="the image")
+    explain.add_argument("text", help="what to look for")
+    explain.add_argument("--clip", required=True, help="CLIP: a run directory or OpenAI/open_clip/HF weights")
+    explain.add_argument("--out", required=True, help="output folder: overlay.png, explanation.json")
+    explain.add_argument("--method", default="gradient", choices=("gradient", "dense"), help="see clipdalle.explain")
+    explain.add_argument("--size", type=int, default=256, help="side of overlay.png in pixels")
+    add_runtime_flags(explain)
 
     probe = command(commands, "probe", cmd_probe, "linear probe and zero-shot accuracy on a labelled dataset")
-    probe.add_argument("--clip", required=True, help="CLIP run or weights")
+    probe.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
     probe.add_argument("--data", required=True, help="labelled data: class-per-folder or CSV image,label")
     probe.add_argument("--val-data", default=None, help="labelled test data (default: a 20 %% hash hold-out)")
     add_runtime_flags(probe)
@@ -695,12 +920,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=("hf", "openai"), help="target layout")
     convert.add_argument("--out", required=True, help="output directory (or .safetensors file for --to openai)")
     convert.add_argument("--quick-gelu", default=None, action=argparse.BooleanOptionalAction, help="activation")
-    convert.add_argument("--trust-torchscript", action="store_true", help="allow OpenAI TorchScript archives (code)")
+
+    models = commands.add_parser("models", help="CLIP and SigLIP models by name").add_subparsers(
+        dest="what", required=True
+    )
+    models_list = command(models, "list", cmd_models_list, "model names clipdalle knows, which are cached, their size")
+    models_list.add_argument("--cached", action="store_true", help="only the models in the caches")
+    models_list.add_argument("--json", action="store_true", help="print a JSON list instead")
+    models_download = command(models, "download", cmd_models_download, "fetch models now, to use them offline later")
+    models_download.add_argument("names", nargs="+", help="model names, e.g. ViT-B/32 google/siglip-base-patch16-224")
+
+    formats = commands.add_parser("export", help="deployment formats").add_subparsers(dest="what", required=True)
+    onnx = command(formats, "onnx", cmd_export_onnx, "the image and text towers as two ONNX graphs (dynamic batch)")
+    onnx.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
+    onnx.add_argument("--out", required=True, help="output folder: image.onnx, text.onnx, tokenizer, settings")
+    onnx.add_argument("--quick-gelu", default=None, action=argparse.BooleanOptionalAction, help="activation")
 
     guide = command(commands, "guide", cmd_guide, "CLIP-guided generation on the dVAE's code grid (VQGAN+CLIP)")
     guide.add_argument("prompt", help="what the image should show")
     guide.add_argument("--vae", default=None, help="dVAE run (default: the --init-dalle run's)")
-    guide.add_argument("--clip", required=True, help="CLIP run or weights")
+    guide.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
     guide.add_argument("--out", required=True, help="output folder (final.png, progress.png)")
     guide.add_argument("--steps", type=int, default=200, help="optimisation steps")
     guide.add_argument("--lr", type=float, default=0.2, help="Adam learning rate on the code logits")
@@ -712,34 +951,51 @@ def build_parser() -> argparse.ArgumentParser:
         dest="what", required=True
     )
     build = command(index, "build", cmd_index_build, "embed a collection with CLIP into a searchable index")
-    build.add_argument("--clip", required=True, help="CLIP run or weights")
+    build.add_argument("--clip", required=True, help="CLIP run, weights or model name (clipdalle models list)")
     build.add_argument("--data", required=True, help="images: folder (captions optional), shards or manifest")
     build.add_argument("--out", required=True, help="index folder")
     build.add_argument("--batch-size", type=int, default=256, help="images embedded at once")
     build.add_argument("--num-workers", type=int, default=1, help="image-decoding processes")
     add_runtime_flags(build)
+    add_backend_flag(build)
     add = command(index, "add", cmd_index_add, "append images to an index without a rebuild")
     add.add_argument("--index", required=True, help="index folder")
     add.add_argument("--data", required=True, help="images to add")
     add.add_argument("--batch-size", type=int, default=256, help="images embedded at once")
     add_runtime_flags(add)
+    add_backend_flag(add)
     remove = command(index, "remove", cmd_index_remove, "drop images from an index by id")
     remove.add_argument("--index", required=True, help="index folder")
     remove.add_argument("--ids", required=True, help="comma-separated ids")
     info = command(index, "info", cmd_index_info, "counts, model, index type and measured recall")
     info.add_argument("--index", required=True, help="index folder")
+    duplicates = command(index, "duplicates", cmd_index_duplicates, "groups of near-duplicate images")
+    duplicates.add_argument("--index", required=True, help="index folder")
+    duplicates.add_argument("--threshold", type=float, default=None, help="cosine above which two pair (default 0.97)")
+    duplicates.add_argument("--json", action="store_true", help="print the groups as JSON")
+    add_runtime_flags(duplicates)
+    sync = command(index, "sync", cmd_index_sync, "embed new and changed files of a folder, drop deleted ones")
+    sync.add_argument("--index", required=True, help="index folder")
+    sync.add_argument("--data", required=True, help="the folder of images to follow")
+    sync.add_argument("--batch-size", type=int, default=256, help="images embedded at once")
+    sync.add_argument("--num-workers", type=int, default=1, help="image-decoding processes")
+    add_runtime_flags(sync)
     export = command(index, "export", cmd_index_export, "write embeddings.npy and metadata.jsonl")
     export.add_argument("--index", required=True, help="index folder")
     export.add_argument("--out", required=True, help="output folder")
 
-    search = command(commands, "search", cmd_search, "text->image or image->image search over an index")
-    search.add_argument("query", nargs="?", default=None, help="text query")
+    search = command(commands, "search", cmd_search, "search an index by texts and images, weighted, + and -")
+    search.add_argument("query", nargs="?", default=None, help="text, or terms: '2:a red circle + ./q.png - a square'")
     search.add_argument("--index", required=True, help="index folder")
-    search.add_argument("--image", default=None, help="find images similar to this one")
+    search.add_argument("--image", action="append", help="find images similar to this one (repeatable)")
+    search.add_argument("--minus", action="append", help="a text to move away from (repeatable)")
+    search.add_argument("--minus-image", action="append", help="an image to move away from (repeatable)")
+    search.add_argument("--weights", default=None, help="one weight per term: query terms, --image, --minus, ...")
     search.add_argument("-k", type=int, default=20, help="results")
     search.add_argument("--min-score", type=float, default=None, help="drop results below this cosine")
     search.add_argument("--json", action="store_true", help="print a JSON list of {id, path, caption, score}")
     add_runtime_flags(search)
+    add_backend_flag(search)
 
     moderate = command(commands, "moderate", cmd_moderate, "flag images that match text concepts")
     moderate.add_argument("--index", required=True, help="index folder")
@@ -747,12 +1003,14 @@ def build_parser() -> argparse.ArgumentParser:
     moderate.add_argument("--calibrate", default=None, help="labels.csv (image,concept; 'none' = clean)")
     moderate.add_argument("--json", action="store_true", help="print the report as JSON")
     add_runtime_flags(moderate)
+    add_backend_flag(moderate)
 
     serve = command(commands, "serve", cmd_serve, "web page, JSON API and OpenAI-compatible images API")
     serve.add_argument("pipeline_dir", nargs="?", default=None, help="a pipeline output with index/, clip/, dalle/")
     serve.add_argument("--index", default=None, help="index folder (search, similar, thumbnails)")
-    serve.add_argument("--clip", default=None, help="CLIP run (default: the index's) for classify, moderate, reranking")
+    serve.add_argument("--clip", default=None, help="CLIP run or model name (default: the index's)")
     serve.add_argument("--dalle", default=None, help="DALL·E run (its dVAE and tokenizer come with it) to generate")
+    serve.add_argument("--captioner", default=None, help="captioner run for /api/caption (default: CLIP ranking)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument(
@@ -763,6 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rerank", type=int, default=4, help="OpenAI routes: each image is the best of K (with CLIP)")
     serve.add_argument("--max-queue", type=int, default=8, help="generation requests admitted at once; more get 503")
     add_runtime_flags(serve)
+    add_backend_flag(serve)
 
     pipeline = command(commands, "pipeline", cmd_pipeline, "train, index, evaluate and report on a collection")
     pipeline.add_argument("--data", default="icons", help="icons (the built-in demo), or a folder, shards or manifest")

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,6 +49,9 @@ class TrainConfig:
     max_shift: float = 0.0  # random translation as a share of the image side; never colour jitter (colour is content)
     caption_templates: str = ""  # '|'-separated templates a training caption is put into at random ('{}' = the caption)
     code_views: int = 1  # DALL·E: cached codes per training image, the centre crop + augmented views; one per epoch
+    hard_negative_words: list[str] = field(default_factory=list)  # e.g. colours: some batches share one, so the
+    # contrast must come from the rest of the captions (CLIP; data.loader.hard_negative_batches)
+    hard_negative_share: float = 0.5  # share of the batches drawn from one hard_negative_words group
     val_fraction: float = 0.02  # share of samples held out by a hash of their key when no val/ split exists
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes CUDA when present
     dtype: str = "fp32"  # fp32 | bf16 | fp16 autocast; fp32 on CPU (bf16 matmul is ~100x slower on AVX2)
@@ -140,27 +143,31 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, group_title: st
     preset or a resumed run's config is only overridden by what the user typed."""
     group = parser.add_argument_group(group_title or cls.__name__)
     hints = typing.get_type_hints(cls)
-    for field in fields(cls):
-        kind = hints[field.name]
-        comment = _field_comments(cls).get(field.name, "")
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    for option in fields(cls):
+        kind = hints[option.name]
+        comment = _field_comments(cls).get(option.name, "")
+        default = option.default if option.default is not dataclasses.MISSING else option.default_factory()
         help_text = f"{comment} (default: {_format_default(default)})"
         if kind is bool:
             group.add_argument(
-                flag_name(field.name),
-                dest=field.name,
+                flag_name(option.name),
+                dest=option.name,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=help_text,
             )
         elif typing.get_origin(kind) in (list, tuple):
             group.add_argument(
-                flag_name(field.name), dest=field.name, type=str, default=argparse.SUPPRESS, help=help_text
+                flag_name(option.name),
+                dest=option.name,
+                type=str,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         else:
             group.add_argument(
-                flag_name(field.name),
-                dest=field.name,
+                flag_name(option.name),
+                dest=option.name,
                 type=kind,
                 default=argparse.SUPPRESS,
                 metavar=kind.__name__.upper(),

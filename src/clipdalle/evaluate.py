@@ -1,4 +1,4 @@
-"""Validation metrics of the three models and the pictures that show them, plus CLIP's linear probe.
+"""Validation metrics of the models and the pictures that show them, CLIP's linear probe, and caption BLEU.
 
 Every `*_metrics(model, batches)` takes the validation batches the training loop decoded once (dicts with
 "images", "text", "codes" as the model needs) and returns a dict of floats; given no batches, each raises a
@@ -7,17 +7,19 @@ ValueError. The pictures are images (3, H, W) in [0, 1] that the training loop s
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .models import dalle, dvae
+from .models import captioner, dalle, dvae
 from .models.clip import contrastive_loss, siglip_loss
 from .pretrained import load
 from .runtime import eval_mode, unwrap
-from .transforms import make_grid
+from .transforms import colour_ramp, make_grid
 from .zero_shot import classify, encode_images, label_features
 
 PICTURE_IMAGES = 8  # images shown in a dVAE reconstruction picture
@@ -52,10 +54,7 @@ def heat_map(values: torch.Tensor, cell: int = 8) -> torch.Tensor:
     """Matrix (N, M) -> image (3, N * cell, M * cell) in [0, 1], low values dark blue, high values yellow."""
     values = values.detach().float().cpu()
     low, high = values.min(), values.max()
-    scaled = (values - low) / (high - low).clamp_min(1e-8) * (len(HEAT_COLOURS) - 1)  # (N, M) in [0, stops-1]
-    lower = scaled.floor().long().clamp(max=len(HEAT_COLOURS) - 2)
-    fraction = (scaled - lower).unsqueeze(-1)  # (N, M, 1)
-    colours = HEAT_COLOURS[lower] * (1 - fraction) + HEAT_COLOURS[lower + 1] * fraction  # (N, M, 3)
+    colours = colour_ramp((values - low) / (high - low).clamp_min(1e-8), HEAT_COLOURS)  # (N, M, 3)
     image = colours.permute(2, 0, 1)  # (3, N, M)
     return image.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2).clamp(0, 1)  # (3, N*cell, M*cell)
 
@@ -183,6 +182,97 @@ def dalle_metrics(model: nn.Module, batches: list[dict]) -> dict[str, float]:
         "image_loss": image_loss,
         "image_bits": dalle.nats_to_bits(image_loss),
     }
+
+
+@torch.no_grad()
+def captioner_metrics(model: nn.Module, batches: list[dict]) -> dict[str, float]:
+    """Validation caption loss (nats per caption token, <eos> included) averaged over all batches' tokens, and its
+    perplexity."""
+    batches = _nonempty(batches, "captioner_metrics")
+    total, count = 0.0, 0
+    with eval_mode(model) as model:
+        for batch in batches:
+            tokens = int((batch["text"][:, 1:] != captioner.PAD_ID).sum())
+            total += float(captioner.loss(model, batch["codes"], batch["text"])) * tokens
+            count += tokens
+    loss = total / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+# ------------------------------------------------------------------------------------------ caption metrics
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def corpus_bleu(hypotheses: list[str], references: list[list[str]], max_n: int = 4) -> float:
+    """Corpus BLEU-max_n (Papineni et al. 2002) in [0, 1]: clipped n-gram precisions of all hypotheses pooled,
+    their geometric mean, times the brevity penalty against the closest reference length. Lower-cased words split on
+    whitespace; no smoothing (one n-gram order without a match gives 0, as in the paper)."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"corpus_bleu: {len(hypotheses)} hypotheses for {len(references)} reference lists")
+    matches, totals = [0] * max_n, [0] * max_n
+    hypothesis_length, reference_length = 0, 0
+    for hypothesis, refs in zip(hypotheses, references):
+        words = hypothesis.lower().split()
+        ref_words = [ref.lower().split() for ref in refs]
+        hypothesis_length += len(words)
+        reference_length += min((abs(len(ref) - len(words)), len(ref)) for ref in ref_words)[1]
+        for n in range(1, max_n + 1):
+            counts = _ngrams(words, n)
+            most = Counter()
+            for ref in ref_words:
+                most |= _ngrams(ref, n)
+            matches[n - 1] += sum(min(count, most[gram]) for gram, count in counts.items())
+            totals[n - 1] += max(0, len(words) - n + 1)
+    if min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(match / total) for match, total in zip(matches, totals)) / max_n
+    brevity = (
+        1.0 if hypothesis_length > reference_length else math.exp(1 - reference_length / max(1, hypothesis_length))
+    )
+    return brevity * math.exp(log_precision)
+
+
+def cider_d(hypotheses: list[str], references: list[list[str]], max_n: int = 4, sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D (Vedantam et al. 2015, as coco-caption computes it): per n-gram order, the cosine of TF-IDF
+    vectors with the hypothesis's counts clipped to the reference's and a Gaussian penalty on the length
+    difference, averaged over orders and references, times 10; the IDF comes from the references of the corpus.
+    Unlike BLEU it weighs words by rarity, so a right rare word (an icon's name) counts more than "a" or "icon"."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"cider_d: {len(hypotheses)} hypotheses for {len(references)} reference lists")
+
+    def counts(text: str) -> list[Counter]:
+        words = text.lower().split()
+        return [_ngrams(words, n) for n in range(1, max_n + 1)]
+
+    reference_counts = [[counts(ref) for ref in refs] for refs in references]
+    frequency: Counter = Counter()  # n-gram -> images whose references hold it
+    for refs in reference_counts:
+        frequency.update({gram for ref in refs for order in ref for gram in order})
+    log_images = math.log(float(len(references)))
+
+    def vector(grams: list[Counter]) -> tuple[list[dict], list[float], int]:
+        weights = [
+            {g: c * (log_images - math.log(max(1.0, frequency[g]))) for g, c in order.items()} for order in grams
+        ]
+        norms = [math.sqrt(sum(value * value for value in order.values())) for order in weights]
+        return weights, norms, sum(grams[0].values())
+
+    total = 0.0
+    for hypothesis, refs in zip(hypotheses, reference_counts):
+        hyp, hyp_norms, hyp_length = vector(counts(hypothesis))
+        score = 0.0
+        for ref_grams in refs:
+            ref, ref_norms, ref_length = vector(ref_grams)
+            penalty = math.exp(-((hyp_length - ref_length) ** 2) / (2 * sigma**2))
+            for n in range(max_n):
+                dot = sum(min(value, ref[n].get(g, 0.0)) * ref[n].get(g, 0.0) for g, value in hyp[n].items())
+                if hyp_norms[n] and ref_norms[n]:
+                    score += penalty * dot / (hyp_norms[n] * ref_norms[n]) / max_n
+        total += 10.0 * score / len(refs)
+    return total / len(hypotheses)
 
 
 # ------------------------------------------------------------------------------------------ generated samples

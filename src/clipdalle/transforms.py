@@ -215,6 +215,16 @@ def make_grid(images: torch.Tensor, n_col: int | None = None, padding: int = 2, 
     return grid
 
 
+def colour_ramp(values: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """Values (...) in [0, 1] -> RGB (..., 3): linear interpolation between colour stops (S, 3), the first at 0
+    and the last at 1 (a heat map's colours)."""
+    position = values.clamp(0, 1) * (len(stops) - 1)
+    lower = position.floor().long().clamp(max=len(stops) - 2)
+    fraction = (position - lower).unsqueeze(-1)  # (..., 1)
+    stops = stops.to(values.device)
+    return stops[lower] * (1 - fraction) + stops[lower + 1] * fraction
+
+
 def save_image(images: torch.Tensor, path: str | Path, n_col: int | None = None) -> Path:
     """Writes one image (3, H, W) or a grid of a batch (B, 3, H, W) to `path` (format from its extension),
     atomically: a temporary file in the same directory is renamed into place, so readers never see half a file."""

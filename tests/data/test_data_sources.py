@@ -462,3 +462,19 @@ def test_is_validation_is_stable_and_respects_the_fraction():
     assert all(is_validation(key, 1.0) for key in keys[:100])
     with pytest.raises(ValueError, match="fraction"):
         is_validation("k", 1.5)
+
+
+def test_extra_data_is_mixed_in_with_its_repeats(tmp_path):
+    from helpers import make_shapes_folder
+
+    from clipdalle.data.sources import MixedSource, extra_data, open_mixture
+
+    main = make_shapes_folder(tmp_path / "main", size=8, repeats=1)  # 16 images
+    extra = make_shapes_folder(tmp_path / "extra", size=8, repeats=1, seed=1)
+    mixed = open_mixture(main, [f"{extra}:3"])
+    assert isinstance(mixed, MixedSource) and sum(1 for _ in mixed) == 16 + 3 * 16
+    assert " x3" in str(mixed.path)
+    assert open_mixture(main, []).units == open_source(main).units  # no extras: the dataset as it is
+    assert extra_data("data/a:b:2") == ("data/a:b", 2) and extra_data("plain") == ("plain", 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        extra_data("x:0")

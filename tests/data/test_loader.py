@@ -85,3 +85,33 @@ def test_pinned_memory_only_with_workers(shapes_folder):
     assert make_loader(stream, num_workers=2, pin_memory=True).pin_memory
     assert not make_loader(stream, num_workers=0, pin_memory=True).pin_memory  # the copy would cost a step's time
     assert not make_loader(stream, num_workers=2).pin_memory
+
+
+def test_hard_negative_batches_alternate_one_group_batches_and_lose_nothing():
+    from clipdalle.data.loader import hard_negative_batches
+
+    items = [(index, "abc"[index % 3]) for index in range(60)]
+    group_of = lambda item: item[1]  # noqa: E731
+    batches = list(hard_negative_batches(iter(items), 4, group_of, share=0.5))
+    assert sorted(item for batch in batches for item in batch) == items  # every item once
+    grouped = [len({item[1] for item in batch}) == 1 for batch in batches]
+    assert all(grouped[1:-2:2]) and not all(grouped[0::2])  # every second batch is one group's (before the end,
+    # where a finite stream may hold too few items of any group left)
+    assert batches == list(hard_negative_batches(iter(items), 4, group_of, share=0.5))  # deterministic
+    plain = list(hard_negative_batches(iter(items), 4, group_of, share=0.0))
+    assert plain == [items[start : start + 4] for start in range(0, 60, 4)]
+    assert all(len({item[1] for item in batch}) == 1 for batch in hard_negative_batches(iter(items), 4, group_of, 1.0))
+
+
+def test_streams_with_hard_negative_words_share_a_colour_in_every_second_batch(shapes_folder):
+    stream = SampleStream(
+        open_source(shapes_folder), image_size=16, batch_size=4, infinite=False, shuffle=False,
+        hard_negative_words=("red", "green", "blue", "black"), hard_negative_share=0.5,
+    )  # fmt: skip
+    batches = list(make_loader(stream))
+    palette = {"red", "green", "blue", "black"}
+    colours = [
+        {word for caption in batch["captions"] for word in caption.split() if word in palette} for batch in batches
+    ]
+    assert all(len(colour) == 1 for colour in colours[1:-2:2]) and len(colours) == 8
+    assert sum(len(batch["keys"]) for batch in batches) == 32

@@ -44,6 +44,7 @@ def tiny_spec(dalle_train=None, clip_model=None, vae_train=None):
             "preset": "tiny",
             "model": {"image_size": 16, "vision_patch_size": 4, **(clip_model or {})},
             "train": {"steps": 20, **QUIET},
+            "oversample_dalle_icons": 2,  # CLIP also reads DALL·E's icons, twice an epoch
         },
         "dalle": {"preset": "tiny", "families": 3, "train": {"steps": 20, **QUIET, **(dalle_train or {})}},
         "eval": {"prompts": 4, "samples": 4, "seed": 0},
@@ -85,6 +86,8 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
         checkpoint.load_model(out / run, expect=kind)
         assert pipeline_jobs.training_finished(out / run)
         assert (out / "logs" / f"{run}.log").read_text().count("\n") > 2
+    clip_command = (out / "logs" / "clip.log").read_text().splitlines()[0]
+    assert f"--extra-data {summary['dalle_data']}:2" in clip_command  # the subset DALL·E trains on, mixed in
     # dVAE and CLIP overlapped in time: the stage took less than the two processes one after the other
     timings, jobs = json.loads((out / "timings.json").read_text()), summary["jobs_s"]
     assert list(timings) == STAGES  # one entry per stage: they add up to the pipeline's time

@@ -218,6 +218,7 @@ def test_presets_build_and_openai_shapes_have_openai_parameter_counts():
     assert {"clip-tiny", "clip-demo", "clip-vit-b-32", "clip-vit-b-16", "clip-vit-l-14", "clip-rn50"} <= set(names)
     counts = {"clip-vit-b-32": 151_277_313, "clip-vit-b-16": 149_620_737, "clip-vit-l-14": 427_616_513}
     counts["clip-rn50"] = 102_007_137  # OpenAI's published counts
+    counts["clip-siglip-b-16"] = 203_155_970  # transformers' SiglipModel() with its default (ViT-B/16) config
     for name in names:
         config = build_config(CLIPConfig, load_preset(name)["model"], source=name)
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost

@@ -3,6 +3,7 @@ serving a tiny index, CLIP and DALL·E. What a user does: search, click a result
 draw a box and inpaint, unlock a server that wants an API key."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,72 @@ def test_api_key_unlocks_the_page_and_generation_is_explained_when_off(page, ser
     page.reload()  # the key is remembered for the tab's session
     expect(page.locator("#status .chip")).to_have_count(3)
     expect(key).to_be_hidden()
+
+
+def test_heat_map_toggle_overlays_each_result_with_its_map_for_the_query(page, served):
+    from playwright.sync_api import expect
+
+    open_page(page, served)
+    page.get_by_role("searchbox").fill("a red circle")
+    page.get_by_role("button", name="Search", exact=True).click()
+    wait_until_answered(page, "search")
+    cards = page.locator("#search-results button.card")
+    expect(cards.first).to_be_visible()
+    count = cards.count()
+    page.get_by_label("Show where each result matches").check()
+    overlays = page.locator("#search-results .heat-overlay")
+    expect(overlays).to_have_count(count)
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#search-results .heat-overlay")
+    first_id = cards.first.get_attribute("data-id")
+    expected = page.request.get(f"{served}/api/explain/{first_id}", params={"q": "a red circle"}).json()
+    assert overlays.first.get_attribute("src") == expected["overlay"]  # the map of that image for that query
+    expect(overlays.first).to_have_attribute("alt", re.compile("a red circle"))
+    page.get_by_label("Show where each result matches").uncheck()
+    expect(overlays).to_have_count(0)
+
+    page.get_by_role("button", name=f"Subtract image #{first_id} from the query").click()  # a combined query
+    wait_until_answered(page, "search")
+    expect(page.get_by_role("searchbox")).to_have_value(f"a red circle - #{first_id}")
+    combined = page.request.get(f"{served}/api/query", params={"q": f"a red circle - #{first_id}", "k": 24}).json()
+    assert [item["id"] for item in shown_results(page)] == [item["id"] for item in combined["results"]]
+
+
+def test_duplicates_tab_shows_the_groups_the_api_finds(page, served):
+    from playwright.sync_api import expect
+
+    open_page(page, served)
+    page.get_by_role("tab", name="Duplicates").click()
+    page.get_by_label("Cosine threshold").fill("0.99")
+    page.get_by_role("button", name="Find duplicates").click()
+    wait_until_answered(page, "duplicates")
+    answer = page.request.get(f"{served}/api/duplicates", params={"threshold": 0.99, "max_groups": 50}).json()
+    assert answer["groups"], "the shapes have near-identical jittered copies"
+    groups = page.locator("#duplicates-results > li")
+    expect(groups).to_have_count(len(answer["groups"]))
+    expect(page.locator("#duplicates-summary")).to_contain_text(f"{answer['groups_total']} group")
+    shown = groups.first.locator(".member .muted").all_inner_texts()
+    assert shown == [f"#{image_id}" for image_id in answer["groups"][0]["ids"]]
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#duplicates-results img")
+
+
+def test_describe_tab_captions_an_upload_and_shows_where_a_text_matches(page, served, shapes_32):
+    from playwright.sync_api import expect
+
+    open_page(page, served)
+    page.get_by_role("tab", name="Describe").click()
+    page.set_input_files("#describe-file", str(shapes_32 / "circle_red_0.png"))
+    expect(page.locator("#describe-preview")).to_be_visible()
+    page.get_by_role("textbox", name=re.compile("^Terms")).fill(
+        "template: a {colour} {shape}\n[colour]\nred\nblue\n[shape]\ncircle\nsquare"
+    )
+    page.get_by_role("button", name="Caption").click()
+    wait_until_answered(page, "describe")
+    upload = {"name": "c.png", "mimeType": "image/png", "buffer": (shapes_32 / "circle_red_0.png").read_bytes()}
+    labels = "template: a {colour} {shape}\n[colour]\nred\nblue\n[shape]\ncircle\nsquare"
+    expected = page.request.post(f"{served}/api/caption", multipart={"image": upload, "labels": labels}).json()
+    expect(page.locator(".caption-text")).to_have_text(expected["caption"])
+    page.get_by_label("Where is…").fill("a red circle")
+    page.get_by_role("button", name="Show", exact=True).click()
+    wait_until_answered(page, "describe")
+    page.wait_for_function(ALL_IMAGES_LOADED, arg="#describe-results img")
+    expect(page.locator("#describe-results img")).to_have_attribute("alt", re.compile("a red circle"))

@@ -371,3 +371,23 @@ def test_cli_serve_loads_a_pipeline_directory(capsys, monkeypatch, built_index, 
     code, _, err = run(capsys, "serve", "--dalle", str(built_index))
     assert_one_line_error(code, err, str(built_index))
     assert cli.main(["serve", str(pipeline), "--rerank", "0"]) == 1
+
+
+def test_serve_runs_the_clip_on_onnxruntime_with_the_same_answers(tiny_clip_run, shapes_32, monkeypatch, tmp_path):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("CLIPDALLE_CACHE", str(tmp_path / "cache"))  # the one-time export goes here
+    image = (shapes_32 / "circle_red_0.png").read_bytes()
+    answers = {}
+    for backend in ("torch", "onnx"):
+        served = load_models(clip=tiny_clip_run, backend=backend)
+        with TestClient(create_app(served), base_url="http://localhost") as client:
+            response = client.post(
+                "/api/classify",
+                files={"image": ("c.png", image, "image/png")},
+                data={"labels": "red circle, blue cross"},
+            )
+        assert response.status_code == 200, response.text
+        answers[backend] = {row["label"]: row["probability"] for row in response.json()["results"]}
+    assert type(load_models(clip=tiny_clip_run, backend="onnx").clip[0]).__name__ == "OnnxCLIP"
+    for label, probability in answers["torch"].items():
+        assert abs(answers["onnx"][label] - probability) < 1e-4

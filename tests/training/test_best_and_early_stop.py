@@ -10,6 +10,7 @@ from clipdalle import checkpoint, cli, pretrained
 from clipdalle.config import TrainConfig, from_dict, load_preset
 from clipdalle.data.loader import Augment, SampleStream
 from clipdalle.demo import jobs
+from clipdalle.io import file_sha256
 from clipdalle.models.dvae import DiscreteVAE, DVAEConfig
 from clipdalle.training.codes import build_code_cache, cache_is_current, open_code_cache
 from clipdalle.training.loop import BestLoss, train
@@ -104,6 +105,23 @@ def test_epochs_set_the_steps_from_the_training_split(capsys, shapes_folder, tmp
     assert checkpoint.checkpoint_step(out) == 12 and checkpoint.read_config(out)["train"]["steps"] == 12
 
 
+def test_epochs_count_the_extra_data_and_the_cached_codes_of_dalle(capsys, shapes_folder, tmp_path):
+    # the dVAE reads the 32 shapes and, mixed in, the same 32 twice (--extra-data PATH:2): 1 epoch of 96 at batch 8
+    vae = tmp_path / "vae"
+    argv = ["train", "vae", "--data", str(shapes_folder), "--extra-data", f"{shapes_folder}:2", "--out", str(vae),
+            "--preset", "tiny", "--epochs", "1", "--val-fraction", "0", "--eval-every", "100"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "1 epochs of 96 training samples at 8 per step: 12 steps" in capsys.readouterr().err
+    assert checkpoint.checkpoint_step(vae) == 12
+    # DALL·E counts the codes it caches, and trains for the steps it counted: 2 epochs of 32 at batch 8
+    dalle = tmp_path / "dalle"
+    argv = ["train", "dalle", "--data", str(shapes_folder), "--vae", str(vae), "--out", str(dalle), "--preset", "tiny",
+            "--epochs", "2", "--val-fraction", "0", "--eval-every", "100"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "2 epochs of 32 training samples at 8 per step: 8 steps" in capsys.readouterr().err
+    assert checkpoint.checkpoint_step(dalle) == 8 and checkpoint.read_config(dalle)["train"]["steps"] == 8
+
+
 def test_caption_templates_apply_to_training_captions_only(shapes_folder):
     from clipdalle.data.sources import open_source
 
@@ -136,9 +154,10 @@ def test_a_cache_with_views_gives_one_view_per_epoch(shapes_folder, tmp_path):
         build_code_cache(vae, vae_run, shapes_folder, tmp_path / "other", views=2)
 
 
-def test_pretrained_load_and_weights_file_follow_the_best_weights(tiny_clip_run):
+def test_pretrained_load_and_weights_sha256_follow_the_best_weights(tiny_clip_run):
     # the session's tiny CLIP evaluated at steps 20 and 30 (tiny preset: eval_every 20, and the last step)
-    assert pretrained.weights_file(tiny_clip_run) == checkpoint.weights_path(tiny_clip_run)
+    assert checkpoint.weights_path(tiny_clip_run) == tiny_clip_run / checkpoint.BEST_DIR / checkpoint.WEIGHTS_FILE
+    assert pretrained.weights_sha256(tiny_clip_run) == file_sha256(checkpoint.weights_path(tiny_clip_run))
     model, _, _ = pretrained.load(tiny_clip_run, which="last")
     last = checkpoint.load_model(tiny_clip_run, which="last")
     assert torch.equal(model.logit_scale, last.logit_scale)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -43,7 +44,10 @@ class SampleStream(IterableDataset):
     first batches of this rank's stream (resume). `keep_all_captions` gives every caption of a sample joined by
     newlines instead of one drawn at random (for caching). `caption_templates` puts each drawn caption into one of
     them at random ("a picture of {}"). A token-cache record with several code views (V, h*w) gives one of them,
-    drawn per epoch."""
+    drawn per epoch. With `hard_negative_words`, a share `hard_negative_share` of the batches hold only samples whose
+    captions contain the same one of those words (`hard_negative_batches`): in such a batch that word tells no pair
+    from another, so a contrastive model must learn everything else the captions say (e.g. the colours of icons: the
+    shapes)."""
 
     def __init__(
         self,
@@ -62,6 +66,8 @@ class SampleStream(IterableDataset):
         world_size: int = 1,
         keep_all_captions: bool = False,
         caption_templates: tuple[str, ...] = (),
+        hard_negative_words: tuple[str, ...] = (),
+        hard_negative_share: float = 0.5,
     ):
         super().__init__()
         if holdout not in (None, "train", "val"):
@@ -82,6 +88,10 @@ class SampleStream(IterableDataset):
         self.world_size = world_size
         self.keep_all_captions = keep_all_captions
         self.caption_templates = tuple(caption_templates)
+        if not 0.0 <= hard_negative_share <= 1.0:
+            raise ValueError(f"hard_negative_share must be in [0, 1], got {hard_negative_share}")
+        self.hard_negative_words = tuple(word.lower() for word in hard_negative_words)
+        self.hard_negative_share = hard_negative_share if hard_negative_words else 0.0
 
     # ------------------------------------------------------------------------------------------------ records
 
@@ -144,18 +154,19 @@ class SampleStream(IterableDataset):
         consumer, consumers, role, workers = self._consumer()
         # Batch i of this rank comes from role i % workers; skip this role's batches before start_batch.
         skip = max(0, -(-(self.start_batch - role) // workers))
-        group: list[tuple[int, Record]] = []
-        for item in self._records(consumer, consumers):
-            group.append(item)
-            if len(group) < self.batch_size:
-                continue
+        items = self._records(consumer, consumers)
+        for group in hard_negative_batches(items, self.batch_size, self._group_of, self.hard_negative_share):
             if skip > 0:
                 skip -= 1
             else:
                 yield self._load(group)
-            group = []
-        if group and skip == 0:
-            yield self._load(group)
+
+    def _group_of(self, item: tuple[int, Record]) -> str | None:
+        """The first of `hard_negative_words` that the record's captions contain, as a word; None without one."""
+        if not self.hard_negative_words:
+            return None
+        words = {word for caption in item[1].captions for word in caption.lower().split()}
+        return next((word for word in self.hard_negative_words if word in words), None)
 
     def _load(self, group: list[tuple[int, Record]]) -> dict:
         keys, images, codes, captions, skipped = [], [], [], [], 0
@@ -204,6 +215,59 @@ class SampleStream(IterableDataset):
         else:
             image = resize_crop(image, self.image_size)
         return to_tensor(image)
+
+
+def hard_negative_batches(
+    items: Iterator, batch_size: int, group_of: Callable[[Any], str | None], share: float
+) -> Iterator[list]:
+    """Cuts `items` into batches of `batch_size`, in arrival order, except that a share `share` of the batches (spread
+    evenly: batch b is grouped when floor((b + 1) share) > floor(b share)) take `batch_size` items of one group
+    (`group_of(item)`, None = no group) instead; the items a grouped batch passes over wait for the next batches.
+    Deterministic in the order of `items`; the last batch may be short."""
+    pending: list[tuple[str | None, Any]] = []
+    counts: dict[str, int] = {}
+    source = iter(items)
+    exhausted = False
+    number = 0
+
+    def read() -> bool:
+        nonlocal exhausted
+        try:
+            item = next(source)
+        except StopIteration:
+            exhausted = True
+            return False
+        group = group_of(item) if share > 0 else None
+        pending.append((group, item))
+        if group is not None:
+            counts[group] = counts.get(group, 0) + 1
+        return True
+
+    while True:
+        batch: list = []
+        if share > 0 and int((number + 1) * share) > int(number * share):
+            while not any(count >= batch_size for count in counts.values()) and read():
+                pass
+            full = sorted(group for group, count in counts.items() if count >= batch_size)
+            if full:
+                chosen = full[0]
+                taken = [position for position, (group, _) in enumerate(pending) if group == chosen][:batch_size]
+                batch = [pending[position][1] for position in taken]
+                for position in reversed(taken):
+                    del pending[position]
+                counts[chosen] -= batch_size
+        if not batch:  # an ordinary batch, or no group has enough items left
+            while len(pending) < batch_size and read():
+                pass
+            batch = [item for _, item in pending[:batch_size]]
+            for group, _ in pending[:batch_size]:
+                if group is not None:
+                    counts[group] -= 1
+            del pending[:batch_size]
+        if not batch:
+            return
+        yield batch
+        number += 1
 
 
 def shuffled(items: Iterator, rng: random.Random, buffer_size: int) -> Iterator:

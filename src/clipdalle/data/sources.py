@@ -583,6 +583,46 @@ def open_source(path: str | Path, captions: str = "required") -> Source:
     raise ValueError(f"{path}: unknown dataset format; supported: {_SUPPORTED}")
 
 
+class MixedSource(Source):
+    """Several sources read as one, each `repeats` times per pass: an extra dataset read 4 times an epoch weighs 4x
+    its size in what a model sees (`--extra-data PATH:4`). Units are "SOURCE:COPY:UNIT"."""
+
+    def __init__(self, parts: list[tuple[Source, int]]):
+        units = [f"{index}:{copy}:{unit}" for index, (source, repeats) in enumerate(parts) for copy in range(repeats)
+                 for unit in source.units]  # fmt: skip
+        super().__init__(
+            " + ".join(f"{source.path}" + (f" x{repeats}" if repeats > 1 else "") for source, repeats in parts), units
+        )
+        self.parts = parts
+
+    def records(self, unit: str) -> Iterator[Record]:
+        self._check_unit(unit)
+        index, _, inner = unit.split(":", 2)
+        yield from self.parts[int(index)][0].records(inner)
+
+
+def extra_data(spec: str) -> tuple[str, int]:
+    """ "PATH" or "PATH:REPEATS" (`--extra-data`) -> (path, repeats >= 1)."""
+    path, separator, repeats = spec.rpartition(":")
+    if not separator or not repeats.isdigit():
+        return spec, 1
+    if int(repeats) < 1:
+        raise ValueError(f"--extra-data {spec!r}: the repeats after ':' must be at least 1")
+    return path, int(repeats)
+
+
+def open_mixture(path: str | Path, extras: list[str], captions: str = "required") -> Source:
+    """The dataset at `path` with each `--extra-data` spec ("PATH" or "PATH:REPEATS") mixed in (`MixedSource`);
+    an extra dataset with train/ and val/ splits contributes its train/ split. Without extras, `open_source(path)`."""
+    if not extras:
+        return open_source(path, captions)
+    parts = [(open_source(path, captions), 1)]
+    for spec in extras:
+        extra, repeats = extra_data(spec)
+        parts.append((open_source(resolve_splits(extra)[0], captions), repeats))
+    return MixedSource(parts)
+
+
 def open_labelled(path: str | Path) -> Source:
     """Labelled evaluation data: class-per-folder (`DIR/LABEL/.../image.png`, label = the top folder's name) or a
     .csv/.tsv/.jsonl manifest with image and label columns. Records carry `label` and no captions."""

@@ -79,8 +79,8 @@ class Collection(ABC):
         """Makes the data and its split ready (renders the icons; reads a folder and writes its split)."""
 
     @abstractmethod
-    def training_args(self, state: PipelineState) -> list[str]:
-        """`--data ...` (and `--val-data ...`) of the dVAE and CLIP trainings."""
+    def training_args(self, state: PipelineState, kind: str) -> list[str]:
+        """`--data ...` (and `--val-data ...`, `--extra-data ...`) of the dVAE ("vae") or CLIP ("clip") training."""
 
     @abstractmethod
     def evaluate_tokenizer(self, state: PipelineState) -> dict[str, Any]:

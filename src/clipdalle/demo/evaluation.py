@@ -41,6 +41,7 @@ GUIDE_STEPS = 60  # CLIP-guided example: Adam steps from the best DALL·E sample
 SHAPE_TARGETS = {"demo": 100, "small": 20}  # the quality bar's median rank of the named icon, best of n, seen icons
 BOOTSTRAP_ROUNDS = 2000  # resamples of the prompts behind each 95 % interval
 CONFIDENCE = 0.95  # a quality-bar target holds when this interval lies wholly on its side of the bar
+SAMPLES_FILE = "samples.pt"  # OUT/eval/samples.pt: every evaluated sample with its verdicts, to rescore offline
 
 DEFINITIONS = {
     "prompts": (
@@ -768,6 +769,25 @@ def guided_example(
     }
 
 
+def save_samples(path: Path, pair_sets: dict, generated: dict, tensors: dict) -> None:
+    """Every evaluated sample with the judges' verdicts, so that other rerankers can be compared on the very same
+    samples (benchmarks/rerank_experiment.py): per set, the prompts' icon names and colours, the images as uint8
+    (P, n, 3, H, W), colour verdicts and shape ranks (P, n), and the CLIP scores that chose the kept samples."""
+    from ..io import atomic_write
+
+    values = {}
+    for split, pairs in pair_sets.items():
+        values[split] = {
+            "names": [name for name, _ in pairs],
+            "colours": [colour for _, colour in pairs],
+            "images": generated[split]["images"].mul(255).round().to(torch.uint8),  # (P, n, 3, H, W)
+            "hits": tensors[split]["hits"],  # (P, n)
+            "ranks": tensors[split]["ranks"],  # (P, n)
+            "scores": generated[split]["scores"],  # (P, n)
+        }
+    atomic_write(path, lambda temporary: torch.save(values, temporary))
+
+
 # ------------------------------------------------------------------------------------------ the whole evaluation
 
 
@@ -853,6 +873,8 @@ def evaluate_demo(
             pairs, generated[split], judge, vae, clip_model, clip_tokenizer, seed
         )
     lap("judges and R-precision")
+
+    save_samples(out / "eval" / SAMPLES_FILE, pair_sets, generated, tensors)
 
     _log("CLIP zero-shot, retrieval and FID on the validation icons", progress)
     zero_shot, retrieval, real_val_features = zero_shot_figures(judge, clip_model, clip_tokenizer, val_names)

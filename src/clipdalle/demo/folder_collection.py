@@ -107,7 +107,7 @@ class FolderCollection(Collection):
         inspection.write_report(report, self.data_folder / "report.json")
         self.report = report
 
-    def training_args(self, state: PipelineState) -> list[str]:
+    def training_args(self, state: PipelineState, kind: str) -> list[str]:
         return self.data_args()
 
     def evaluate_tokenizer(self, state: PipelineState) -> dict[str, Any]:

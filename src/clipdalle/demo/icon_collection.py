@@ -5,6 +5,8 @@ A pipeline preset (`configs/demo.json`) names the icon dataset, each model's pre
 families DALL·E trains on, the evaluation sizes and the expected time of each stage. What is icon-specific:
 
     icon dataset      DATA/icons-32px-8c (all 7,367 icons; rendering is deterministic, so it is shared)
+    CLIP data         the icon dataset, plus DALL·E's icons `oversample_dalle_icons` times an epoch when the clip
+                      section sets it (`--extra-data DALLE_DATA:R`: the icons whose samples the CLIP reranks)
     dVAE evaluation   PSNR and the colour judge (the reconstruction's dominant colour is the icon's)
     DALL·E data       the chosen train families + all validation icons (DATA/icons-32px-8c-HASH), their dVAE codes
                       (OUT/dalle/tokens) and OUT/dalle/subset.json
@@ -38,6 +40,7 @@ from .heldout import evaluate_tokenizer
 # evaluation sizes, the CPU threads to use (default: all cores) and the expected seconds of each stage (for the ETA).
 PRESET_SECTIONS = ("description", "icons", "vae", "clip", "dalle", "eval", "threads", "expected_s")
 SUBSET_KEYS = ("families", "common_icons")  # the dalle section's choice of training icons, besides model and train
+PIPELINE_KEYS = ("oversample_dalle_icons",)  # a model section's pipeline settings, besides preset, model and train
 ICON_TRAIN_DEFAULTS = {"keep_best": False}  # see the module's docstring
 
 
@@ -73,7 +76,9 @@ def pipeline_configs(spec: dict[str, Any], name: str = "pipeline") -> dict[str, 
     size = icon_settings(spec)["size"]
     configs = {
         "vae": model_and_train_configs(spec.get("vae", {}), DVAEConfig, "vae"),
-        "clip": model_and_train_configs(spec.get("clip", {}), CLIPConfig, "clip"),
+        "clip": model_and_train_configs(
+            {key: value for key, value in spec.get("clip", {}).items() if key not in PIPELINE_KEYS}, CLIPConfig, "clip"
+        ),
         "dalle": model_and_train_configs(
             {key: value for key, value in spec.get("dalle", {}).items() if key not in SUBSET_KEYS},
             DALLEConfig,
@@ -210,8 +215,12 @@ class IconCollection(Collection):
     def build_data(self, state: PipelineState, restart: bool) -> None:
         build_icons(self.data, size=self.icons["size"], colours=self.icons["colours"])
 
-    def training_args(self, state: PipelineState) -> list[str]:
-        return ["--data", str(self.data)]
+    def training_args(self, state: PipelineState, kind: str) -> list[str]:
+        args = ["--data", str(self.data)]
+        repeats = self.spec.get(kind, {}).get("oversample_dalle_icons")
+        if repeats:  # the icons DALL·E will draw, seen `repeats` times as often: what the CLIP must rerank
+            args += ["--extra-data", f"{self.dalle_folder()[0]}:{repeats}"]
+        return args
 
     def evaluate_tokenizer(self, state: PipelineState) -> dict[str, Any]:
         colours = list(PALETTE)
@@ -238,16 +247,23 @@ class IconCollection(Collection):
             and cache_is_current(state.tokens_dir, state.run_dir("vae"), str(folder))
         )
 
-    def build_dalle_data(self, state: PipelineState, restart: bool) -> None:
-        """The icons of the chosen training families plus every validation icon, and their dVAE codes."""
-        icons, split, seed = self.icons, self.split(), self.evaluation["seed"]
-        seen, rule = dalle_icons(split["train"], self.dalle_subset, seed)
-        chosen = sorted({family_of(name) for name in seen})
-        folder = self.data  # every training family: the whole dataset
+    def dalle_folder(self) -> tuple[Path, list[str], str]:
+        """(the dataset DALL·E trains on, its training icons, the rule that chose them): the preset's subset of the
+        training icons plus every validation icon, rendered once (or the whole dataset when the subset is all of it)."""
+        icons, split = self.icons, self.split()
+        seen, rule = dalle_icons(split["train"], self.dalle_subset, self.evaluation["seed"])
+        folder = self.data  # every training icon: the whole dataset
         if len(seen) < len(split["train"]):
             folder = self.data_dir / subset_folder_name(icons["size"], icons["colours"], seen + split["val"])
         if not is_complete(folder, icons["size"], icons["colours"]):
             build_icons(folder, size=icons["size"], colours=icons["colours"], names=seen + split["val"])
+        return folder, seen, rule
+
+    def build_dalle_data(self, state: PipelineState, restart: bool) -> None:
+        """The icons DALL·E trains on (`dalle_folder`) and their dVAE codes."""
+        split, seed = self.split(), self.evaluation["seed"]
+        folder, seen, rule = self.dalle_folder()
+        chosen = sorted({family_of(name) for name in seen})
         vae_dir = state.run_dir("vae")
         if not cache_is_current(state.tokens_dir, vae_dir, str(folder)):
             vae = checkpoint.load_model(vae_dir, expect="dvae", device=state.device)

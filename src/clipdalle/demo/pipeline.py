@@ -68,7 +68,7 @@ def train_pair(state: PipelineState, restart: bool) -> None:
     for name, label, kind in kinds:
         run_dir = state.run_dir(kind)
         if kind in state.configs and not training_finished(run_dir):
-            extra = state.collection.training_args(state)
+            extra = state.collection.training_args(state, kind)
             jobs.append(
                 train_job(name, label, kind, run_dir, state.configs[kind], state.out, state.pair_threads, extra)
             )

@@ -1,6 +1,7 @@
 """The embedding store: a collection embedded once by CLIP, then searched by text or image and moderated.
 
-    INDEX/info.json      the CLIP run (path relative to INDEX) and its weights' sha256, counts, index type, recall
+    INDEX/info.json      the CLIP (a path relative to INDEX, or a model name) and its weights' sha256, counts,
+                         index type, recall
     INDEX/meta.sqlite    table `images`: id, key, path (absolute; "SHARD:MEMBER" for a shard's member, with the
                          member's own name), caption, width, height, sha256, added, embedding (float16 bytes);
                          one row per distinct image (same sha256 = stored once); `read_image` reads it back
@@ -16,6 +17,7 @@ quantised) are the largest that fit `memory_budget_mb`, with `nprobe` raised unt
 search, measured on a sample of the stored vectors, reaches `target_recall`.
 
     index = Index.open("INDEX")                      # loads the CLIP once; a server keeps this instance
+    index = Index.open("INDEX", backend="onnx")      # its towers on onnxruntime (clipdalle.backends)
     index.search(text="a red circle", k=10)          # [{"id", "path", "caption", "score"}, ...]
 """
 
@@ -39,10 +41,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import backends
 from ..data.loader import SampleStream, make_loader
 from ..data.sources import Record, open_source
 from ..io import DirectoryLock, atomic_write, file_sha256, read_file, read_json, write_json
-from ..pretrained import load, weights_file
 from ..runtime import barrier, device_of, distributed_context, init_distributed
 from ..transforms import MAX_IMAGE_BYTES, BadImage, load_image, resize_crop
 from ..zero_shot import encode_texts
@@ -308,13 +310,22 @@ def _read_embeddings(connection: sqlite3.Connection) -> tuple[np.ndarray, np.nda
 
 
 def model_sha256(clip_run: str | Path) -> str:
-    """sha256 of the weights file `pretrained.load(clip_run)` reads (`pretrained.weights_file`)."""
-    return file_sha256(weights_file(clip_run))
+    """sha256 of the weights the CLIP at `clip_run` loads (`pretrained.weights_sha256`): a run's, a file's, the
+    files an open_clip or Hugging Face directory's loader reads, a model name's as its cache records it, an ONNX
+    export's as it records its model's."""
+    return backends.weights_sha256(clip_run)
 
 
-def _load_clip(clip_run: str | Path, device: str) -> tuple[Any, Any]:
-    model, _, tokenizer = load(clip_run, device=device)
+def _load_clip(clip_run: str | Path, device: str, backend: str) -> tuple[Any, Any]:
+    model, _, tokenizer = backends.load_encoder(clip_run, backend=backend, device=device)
     return model, tokenizer
+
+
+def _clip_record(clip_run: str | Path, out: Path) -> dict[str, Any]:
+    """How info.json names the CLIP: a path relative to the index, or a model name (clipdalle.hub)."""
+    if Path(clip_run).exists():
+        return {"clip_run": os.path.relpath(os.path.abspath(clip_run), os.path.abspath(out))}
+    return {"clip_run": None, "clip_name": str(clip_run)}
 
 
 def _now() -> str:
@@ -348,21 +359,24 @@ def build_index(
     batch_size: int = 256,
     num_workers: int = 1,
     device: str = "cpu",
+    backend: str = "auto",
     chunk_size: int = CHUNK_SIZE,
     exact_limit: int = EXACT_LIMIT,
     memory_budget_mb: float = MEMORY_BUDGET_MB,
     target_recall: float = TARGET_RECALL,
 ) -> dict:
-    """Embeds every image of `data` (any dataset format, captions optional) with the CLIP at `clip_run` into a
-    new index at `out`, and returns its `index_info`. Resumes a killed build; under torchrun every rank embeds
-    its share and rank 0 merges (other ranks return {}). One build per `out` at a time: rank 0 holds OUT/.lock,
-    and a second build gets a one-line error."""
+    """Embeds every image of `data` (any dataset format, captions optional) with the CLIP at `clip_run` (a path or a
+    model name; its towers on `backend`) into a new index at `out`, and returns its `index_info`. Resumes a killed
+    build; under torchrun every rank embeds its share and rank 0 merges (other ranks return {}). One build per `out`
+    at a time: rank 0 holds OUT/.lock, and a second build gets a one-line error."""
     out = Path(out)
     if (out / INFO_FILE).exists():
         raise ValueError(f"{out}: already holds an index; use add_to_index to append, or choose a new --out")
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be at least 1, got {batch_size} and {chunk_size}")
-    options = dict(batch_size=batch_size, num_workers=num_workers, device=device, chunk_size=chunk_size)
+    options = dict(
+        batch_size=batch_size, num_workers=num_workers, device=device, backend=backend, chunk_size=chunk_size
+    )
     limits = dict(exact_limit=exact_limit, memory_budget_mb=memory_budget_mb, target_recall=target_recall)
     if distributed_context()[0] != 0:
         return _build_index(clip_run, data, out, **options, **limits)
@@ -380,6 +394,7 @@ def _build_index(
     batch_size: int,
     num_workers: int,
     device: str,
+    backend: str,
     chunk_size: int,
     exact_limit: int,
     memory_budget_mb: float,
@@ -389,7 +404,7 @@ def _build_index(
     init_distributed(torch.device(device))
     source = open_source(data, captions="optional")
     clip_sha256 = model_sha256(clip_run)
-    model, _ = _load_clip(clip_run, device)
+    model, _ = _load_clip(clip_run, device, backend)
     chunk_dir = out / CHUNKS_DIR
     chunk_dir.mkdir(parents=True, exist_ok=True)
     plan = {
@@ -434,7 +449,7 @@ def _build_index(
     write_faiss(out / FAISS_FILE, faiss_index)
     info = {
         "clipdalle_index": {"format_version": FORMAT_VERSION},
-        "clip_run": os.path.relpath(os.path.abspath(clip_run), os.path.abspath(out)),
+        **_clip_record(clip_run, out),
         "clip_sha256": clip_sha256,
         "embed_dim": int(embeddings.shape[1]),
         "data": [os.path.abspath(data)],
@@ -482,16 +497,19 @@ class Index:
         self.lock = threading.RLock()
 
     @classmethod
-    def open(cls, path: str | Path, *, clip: str | Path | None = None, device: str = "cpu") -> Index:
+    def open(
+        cls, path: str | Path, *, clip: str | Path | None = None, device: str = "cpu", backend: str = "auto"
+    ) -> Index:
         """Opens the index at `path` with the CLIP it was built with (or `clip`, which must have the same
-        weights). A faiss index out of step with the metadata (a kill between the two writes) is rebuilt."""
+        weights), its towers on `backend` (torch | onnx | auto, clipdalle.backends). A faiss index out of step with
+        the metadata (a kill between the two writes) is rebuilt."""
         import faiss
 
         path = Path(path)
         info = _read_info(path)
-        recorded = (path / info["clip_run"]).resolve()
-        clip_run = Path(clip) if clip is not None else recorded
-        if clip is None and not recorded.exists():
+        recorded = info["clip_name"] if info.get("clip_name") else (path / info["clip_run"]).resolve()
+        clip_run = clip if clip is not None else recorded
+        if clip is None and isinstance(recorded, Path) and not recorded.exists():
             raise FileNotFoundError(f"{recorded}: the CLIP run {path} was built with is missing; pass clip=RUN")
         sha256 = model_sha256(clip_run)
         if sha256 != info["clip_sha256"]:
@@ -499,7 +517,7 @@ class Index:
                 f"{clip_run}: CLIP weights (sha256 {sha256[:12]}) differ from the ones {path} was built with "
                 f"({recorded}, sha256 {info['clip_sha256'][:12]}); query with that model or rebuild the index"
             )
-        model, tokenizer = _load_clip(clip_run, device)
+        model, tokenizer = _load_clip(clip_run, device, backend)
         connection = sqlite3.connect(path / META_FILE, check_same_thread=False)
         faiss_index = faiss.read_index(str(path / FAISS_FILE)) if (path / FAISS_FILE).is_file() else None
         index = cls(path, info, model, tokenizer, faiss_index, connection)
@@ -617,6 +635,24 @@ class Index:
             for values in self.connection.execute(query, part):
                 found[values[0]] = dict(zip(columns, values))
         return found
+
+    def features_of(self, ids: Iterable[int]) -> np.ndarray:
+        """Stored unit features (N, D) float32 of the given image ids, in the order given; an unknown id is a
+        ValueError naming it."""
+        ids = [int(i) for i in ids]
+        with self.lock:
+            found: dict[int, bytes] = {}
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                query = f"SELECT id, embedding FROM images WHERE id IN ({','.join('?' * len(part))})"
+                found.update(self.connection.execute(query, part).fetchall())
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise ValueError(f"{self.path}: no image with id {missing[0]} in the index")
+        if not ids:
+            return np.zeros((0, self.info["embed_dim"]), dtype=np.float32)
+        blob = b"".join(found[i] for i in ids)
+        return np.frombuffer(blob, dtype=np.float16).reshape(len(ids), -1).astype(np.float32)  # (N, D)
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) int64, unit-norm embeddings (N, D) float32) of every stored image, by id."""
@@ -778,10 +814,10 @@ class Index:
 # ------------------------------------------------------------------------------------------ CLI functions
 
 
-def _with_index(index: str | Path | Index, call: Any, device: str = "cpu") -> Any:
+def _with_index(index: str | Path | Index, call: Any, device: str = "cpu", backend: str = "auto") -> Any:
     """Calls `call(Index)` with an open Index (opened and closed here when given a path)."""
     owned = not isinstance(index, Index)
-    opened = Index.open(index, device=device) if owned else index
+    opened = Index.open(index, device=device, backend=backend) if owned else index
     try:
         return call(opened)
     finally:
@@ -790,10 +826,20 @@ def _with_index(index: str | Path | Index, call: Any, device: str = "cpu") -> An
 
 
 def add_to_index(
-    index: str | Path | Index, data: str | Path, *, batch_size: int = 256, num_workers: int = 1, device: str = "cpu"
+    index: str | Path | Index,
+    data: str | Path,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 1,
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> dict:
     """Appends the images of `data` to the index; {"added", "duplicates", "skipped"}."""
-    return _with_index(index, lambda opened: opened.add(data, batch_size=batch_size, num_workers=num_workers), device)
+
+    def add(opened: Index) -> dict:
+        return opened.add(data, batch_size=batch_size, num_workers=num_workers)
+
+    return _with_index(index, add, device, backend)
 
 
 def remove_from_index(index: str | Path | Index, ids: Iterable[int]) -> int:
@@ -814,6 +860,20 @@ def index_info(index: str | Path | Index) -> dict:
     return info
 
 
+def stored_captions(index: str | Path | Index) -> list[str]:
+    """Every stored image's captions (its caption lines joined by newlines), without loading the CLIP."""
+    if isinstance(index, Index):
+        with index.lock:
+            return [caption for (caption,) in index.connection.execute("SELECT caption FROM images ORDER BY id")]
+    path = Path(index)
+    _read_info(path)
+    connection = sqlite3.connect(path / META_FILE)
+    try:
+        return [caption for (caption,) in connection.execute("SELECT caption FROM images ORDER BY id")]
+    finally:
+        connection.close()
+
+
 def export_index(index: str | Path | Index, out: str | Path) -> dict:
     """Writes OUT/embeddings.npy and OUT/metadata.jsonl; returns their paths and the count."""
     return _with_index(index, lambda opened: opened.export(out))
@@ -826,15 +886,24 @@ def search(
     k: int = 20,
     min_score: float | None = None,
     device: str = "cpu",
+    backend: str = "auto",
 ) -> list[dict]:
     """Text->image or image->image search; a list of {"id", "path", "caption", "score"}, best first."""
-    return _with_index(index, lambda opened: opened.search(text=text, image=image, k=k, min_score=min_score), device)
+
+    def query(opened: Index) -> list[dict]:
+        return opened.search(text=text, image=image, k=k, min_score=min_score)
+
+    return _with_index(index, query, device, backend)
 
 
 def moderate(
-    index: str | Path | Index, concepts_file: str | Path, calibrate: str | Path | None = None, device: str = "cpu"
+    index: str | Path | Index,
+    concepts_file: str | Path,
+    calibrate: str | Path | None = None,
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> dict:
     """Flags images by concept. Returns {"images": N, "concepts": [{"concept", "threshold", "threshold_from"
     ("file" | "calibrated" | "default"), "flagged", and with calibration "precision", "recall", "f1",
     "positives", "labelled"}], "flagged": [{"id", "path", "caption", "concepts": [{"concept", "score"}]}]}."""
-    return _with_index(index, lambda opened: opened.moderate(concepts_file, calibrate), device)
+    return _with_index(index, lambda opened: opened.moderate(concepts_file, calibrate), device, backend)

@@ -10,6 +10,11 @@ open_clip state dicts load with strict=True; clipdalle.convert reads the other l
     text_features = model.encode_text(text)           # token ids (B, T) -> (B, embed_dim), unit norm
     logits_per_image, logits_per_text = model.logits(images, text)   # OpenAI's forward: (B_img, B_txt), (B_txt, B_img)
 
+SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training"; SigLIP 2 keeps its towers) is the same
+class with `architecture="siglip"`: the image tower has no class token and ends in an attention-pooling head
+(`visual.attn_pool`, a learnt probe attending over every patch), the text tower attends both ways and reads its
+last position, both projections have biases, and `logit_bias` joins `logit_scale` (`loss="siglip"`).
+
 `model(images, text)` returns the two feature matrices (as open_clip's forward does); the losses are plain
 functions of features (`contrastive_loss`, `siglip_loss`), and under torch.distributed the training objective
 gathers the other processes' features with their gradients (`gather_features_with_grad`, open_clip's
@@ -28,12 +33,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerNorm, Transformer, init_transformer_
+from .layers import MLP, LayerNorm, Transformer, init_transformer_
 
 OPENAI_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # per-channel pixel mean of OpenAI's training set
 OPENAI_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
-TEXT_POOLINGS = ("argmax", "first_eos")
+TEXT_POOLINGS = ("argmax", "first_eos", "last")
 LOSSES = ("contrastive", "siglip")
+ARCHITECTURES = ("clip", "siglip")
+ACTIVATION_NAMES = ("gelu", "quick_gelu", "gelu_tanh")
 MAX_LOGIT_SCALE = math.log(100.0)  # OpenAI clamps the learned temperature so logits never exceed 100 x cosine
 
 
@@ -51,19 +58,46 @@ class CLIPConfig:
     text_n_layer: int = 12  # text transformer blocks
     text_n_embd: int = 512  # text transformer width
     text_n_head: int = 8  # text attention heads
-    activation: str = "quick_gelu"  # gelu | quick_gelu; OpenAI's weights were trained with QuickGELU
+    activation: str = "quick_gelu"  # gelu | quick_gelu | gelu_tanh; OpenAI's weights were trained with QuickGELU
     image_mean: list[float] = field(default_factory=lambda: list(OPENAI_IMAGE_MEAN))  # subtracted inside encode_image
     image_std: list[float] = field(default_factory=lambda: list(OPENAI_IMAGE_STD))  # divided inside encode_image
-    text_pooling: str = "argmax"  # argmax (OpenAI: end-of-text is the largest id) | first_eos (first eos_id)
+    text_pooling: str = "argmax"  # argmax (OpenAI: end-of-text is the largest id) | first_eos (first eos_id) | last
     eos_id: int = 1  # end-of-text id for first_eos pooling; 1 is clipdalle.tokenizer's <eos>
     loss: str = "contrastive"  # contrastive (softmax, CLIP) | siglip (pairwise sigmoid, Zhai et al. 2023)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30 % more time
+    architecture: str = "clip"  # clip | siglip: no class token, attention-pool head, text read both ways at its end
+    vision_mlp_width: int = 0  # hidden width of the image tower's MLPs; 0 = 4 x vision_n_embd (bigG-14: 8192)
+    text_mlp_width: int = 0  # hidden width of the text tower's MLPs; 0 = 4 x text_n_embd (SigLIP so400m: 4304)
+    text_activation: str = ""  # the text tower's activation when not `activation` ("" = same); open_clip SigLIP: gelu
+    norm_eps: float = 1e-5  # LayerNorm epsilon of both towers; SigLIP was trained with 1e-6
 
     def __post_init__(self) -> None:
-        choices = {"activation": ("gelu", "quick_gelu"), "text_pooling": TEXT_POOLINGS, "loss": LOSSES}
+        choices = {
+            "activation": ACTIVATION_NAMES,
+            "text_activation": ("", *ACTIVATION_NAMES),
+            "text_pooling": TEXT_POOLINGS,
+            "loss": LOSSES,
+            "architecture": ARCHITECTURES,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CLIPConfig.{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        for name in ("vision_mlp_width", "text_mlp_width"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CLIPConfig.{name} {getattr(self, name)}: expected a width, or 0 for 4x the width")
+        if self.architecture == "siglip":
+            if self.is_resnet:
+                raise ValueError("CLIPConfig: architecture siglip has a ViT image tower; set vision_layers to []")
+            if self.embed_dim != self.vision_n_embd:
+                raise ValueError(
+                    f"CLIPConfig: architecture siglip has no image projection, so embed_dim ({self.embed_dim}) must "
+                    f"equal vision_n_embd ({self.vision_n_embd})"
+                )
+            if self.text_pooling != "last":
+                raise ValueError(
+                    f"CLIPConfig: architecture siglip reads its text at the last position; set text_pooling last "
+                    f"(got {self.text_pooling})"
+                )
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"CLIPConfig.{name} {getattr(self, name)!r}: expected 3 values (R, G, B)")
@@ -90,6 +124,14 @@ class CLIPConfig:
     def is_resnet(self) -> bool:
         return len(self.vision_layers) > 0
 
+    @property
+    def is_siglip(self) -> bool:
+        return self.architecture == "siglip"
+
+    @property
+    def text_act(self) -> str:
+        return self.text_activation or self.activation
+
 
 # ------------------------------------------------------------------------------------------ vision: ViT
 
@@ -105,15 +147,9 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, config.vision_patch_size, stride=config.vision_patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(
-            width,
-            config.vision_n_layer,
-            config.vision_n_head,
-            config.activation,
-            grad_checkpointing=config.grad_checkpointing,
-        )
-        self.ln_post = LayerNorm(width)
+        self.ln_pre = LayerNorm(width, eps=config.norm_eps)
+        self.transformer = tower_transformer(config, "vision")
+        self.ln_post = LayerNorm(width, eps=config.norm_eps)
         self.proj = nn.Parameter(scale * torch.randn(width, config.embed_dim))
         init_transformer_(self.transformer)
 
@@ -127,6 +163,76 @@ class VisionTransformer(nn.Module):
         class_positions = torch.zeros(B, dtype=torch.long, device=x.device)  # (B,)
         x = self.transformer.forward_at(self.ln_pre(x), class_positions)  # (B, C): the class token's output
         return self.ln_post(x) @ self.proj
+
+
+def tower_transformer(config: CLIPConfig, tower: str) -> Transformer:
+    """The transformer of the "vision" or "text" tower, sized by the config's fields with that prefix."""
+    return Transformer(
+        getattr(config, f"{tower}_n_embd"),
+        getattr(config, f"{tower}_n_layer"),
+        getattr(config, f"{tower}_n_head"),
+        config.text_act if tower == "text" else config.activation,
+        grad_checkpointing=config.grad_checkpointing,
+        mlp_width=getattr(config, f"{tower}_mlp_width") or None,
+        norm_eps=config.norm_eps,
+    )
+
+
+# ------------------------------------------------------------------------------------------ vision: SigLIP
+
+
+class AttentionPoolingHead(nn.Module):
+    """A learnt probe attends over every position, then a residual MLP: SigLIP's "MAP" head (multihead attention
+    pooling; transformers' SiglipMultiheadAttentionPoolingHead, timm's AttentionPoolLatent). The attention keeps
+    nn.MultiheadAttention's parameter names."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        width = config.vision_n_embd
+        self.n_head = config.vision_n_head
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # query, key, value rows stacked
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        self.ln = LayerNorm(width, eps=config.norm_eps)
+        self.mlp = MLP(width, config.activation, config.vision_mlp_width or None)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) -> (B, C)."""
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q = F.linear(self.probe.to(x.dtype), self.in_proj_weight[:C], self.in_proj_bias[:C])  # (1, 1, C)
+        q = q.view(1, self.n_head, 1, hs).expand(B, -1, -1, -1)  # (B, nh, 1, hs)
+        k, v = F.linear(x, self.in_proj_weight[C:], self.in_proj_bias[C:]).split(C, dim=2)  # (B, T, C) each
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hs)
+        y = self.out_proj(y.reshape(B, C))  # (B, C)
+        return y + self.mlp(self.ln(y))
+
+
+class SiglipVisionTransformer(nn.Module):
+    """Patches (a convolution with a bias) + positions -> transformer -> LayerNorm -> attention-pooling head. No
+    class token, no pre-norm and no projection: the head's output is the embedding (embed_dim = vision_n_embd)."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        width = config.vision_n_embd
+        grid = config.image_size // config.vision_patch_size
+        self.conv1 = nn.Conv2d(3, width, config.vision_patch_size, stride=config.vision_patch_size)
+        self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(grid * grid, width))
+        self.transformer = tower_transformer(config, "vision")
+        self.ln_post = LayerNorm(width, eps=config.norm_eps)
+        self.attn_pool = AttentionPoolingHead(config)
+        init_transformer_(self.transformer)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> unnormalised embeddings (B, embed_dim)."""
+        x = self.conv1(pixels)  # (B, C, h, w)
+        x = x.flatten(2).transpose(1, 2) + self.positional_embedding.to(x.dtype)  # (B, h*w, C)
+        x = self.ln_post(self.transformer(x))  # (B, h*w, C): the head attends to every patch
+        return self.attn_pool(x)
 
 
 # ------------------------------------------------------------------------------------------ vision: ResNet
@@ -244,14 +350,36 @@ def pooling_positions(text: torch.Tensor, pooling: str, eos_id: int) -> torch.Te
     """Index (B,) of the token whose output is the text feature: the end-of-text token.
 
     "argmax": the largest id (OpenAI: <|endoftext|> is the last id of the vocabulary); "first_eos": the first
-    `eos_id`, or the last position for a row that has none."""
+    `eos_id`, or the last position for a row that has none; "last": the last position (SigLIP, whose text is
+    always padded to its full length)."""
     if pooling == "argmax":
         return text.argmax(dim=-1)
+    if pooling == "last":
+        return torch.full(text.shape[:1], text.shape[-1] - 1, dtype=torch.long, device=text.device)
     if pooling == "first_eos":
         is_eos = text == eos_id
         first = is_eos.int().argmax(dim=-1)
         return torch.where(is_eos.any(dim=-1), first, torch.full_like(first, text.shape[-1] - 1))
     raise ValueError(f"text pooling {pooling!r}: expected one of {', '.join(TEXT_POOLINGS)}")
+
+
+def check_images(images: torch.Tensor, size: int) -> None:
+    """What encode_image takes, for every backend: (B, 3, size, size)."""
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
+        raise ValueError(
+            f"encode_image: expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}; "
+            f"resize them (see clipdalle.clip.preprocess)"
+        )
+
+
+def check_text(text: torch.Tensor, context_length: int) -> None:
+    """What encode_text takes, for every backend: integer ids (B, T) with 1 <= T <= context_length."""
+    if text.dim() != 2 or text.shape[1] < 1 or text.shape[1] > context_length:
+        raise ValueError(
+            f"encode_text: expected token ids of shape (B, T) with 1 <= T <= {context_length}, got {tuple(text.shape)}"
+        )
+    if text.dtype not in (torch.long, torch.int):
+        raise ValueError(f"encode_text: expected integer token ids, got {text.dtype}")
 
 
 def pair_logits(
@@ -269,18 +397,18 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        self.visual = ModifiedResNet(config) if config.is_resnet else VisionTransformer(config)
-        self.transformer = Transformer(
-            config.text_n_embd,
-            config.text_n_layer,
-            config.text_n_head,
-            config.activation,
-            grad_checkpointing=config.grad_checkpointing,
-        )
+        if config.is_resnet:
+            self.visual = ModifiedResNet(config)
+        else:
+            self.visual = SiglipVisionTransformer(config) if config.is_siglip else VisionTransformer(config)
+        self.transformer = tower_transformer(config, "text")
         self.token_embedding = nn.Embedding(config.vocab_size, config.text_n_embd)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_n_embd))
-        self.ln_final = LayerNorm(config.text_n_embd)
-        self.text_projection = nn.Parameter(torch.empty(config.text_n_embd, config.embed_dim))
+        self.ln_final = LayerNorm(config.text_n_embd, eps=config.norm_eps)
+        if config.is_siglip:  # open_clip's name for SigLIP's biased projection (an nn.Linear, weight (out, in))
+            self.text_projection = nn.Linear(config.text_n_embd, config.embed_dim)
+        else:
+            self.text_projection = nn.Parameter(torch.empty(config.text_n_embd, config.embed_dim))
         if config.loss == "siglip":
             # SigLIP starts at temperature 10 and bias -10 so that the many negative pairs begin near zero loss.
             self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -293,17 +421,13 @@ class CLIP(nn.Module):
         self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=config.text_n_embd**-0.5)
+        projection = self.text_projection.weight if config.is_siglip else self.text_projection
+        nn.init.normal_(projection, std=config.text_n_embd**-0.5)
         init_transformer_(self.transformer)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> L2-normalised features (B, embed_dim); normalises with image_mean/std."""
-        size = self.config.image_size
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
-            raise ValueError(
-                f"encode_image: expected images of shape (B, 3, {size}, {size}), got {tuple(images.shape)}; "
-                f"resize them (see clipdalle.clip.preprocess)"
-            )
+        check_images(images, self.config.image_size)
         pixels = (images - self.image_mean) / self.image_std
         features = self.visual(pixels.to(self.positional_embedding.dtype))
         return F.normalize(features, dim=-1)
@@ -311,21 +435,24 @@ class CLIP(nn.Module):
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T), T <= context_length -> L2-normalised features (B, embed_dim).
 
-        The batch is cut after its last end-of-text token: with a causal mask nothing after it changes the
-        feature, so padding costs nothing."""
-        if text.dim() != 2 or text.shape[1] < 1 or text.shape[1] > self.config.context_length:
-            raise ValueError(
-                f"encode_text: expected token ids of shape (B, T) with 1 <= T <= {self.config.context_length}, "
-                f"got {tuple(text.shape)}"
-            )
-        if text.dtype not in (torch.long, torch.int):
-            raise ValueError(f"encode_text: expected integer token ids, got {text.dtype}")
+        A causal (CLIP) text tower cuts the batch after its last end-of-text token: nothing after it changes the
+        feature, so padding costs nothing. SigLIP's tower attends both ways and reads the last position, so it
+        sees the whole row, padding included, as it was trained."""
+        check_text(text, self.config.context_length)
         positions = pooling_positions(text, self.config.text_pooling, self.config.eos_id)  # (B,)
-        length = int(positions.max()) + 1 if text.shape[0] > 0 else 1
-        text = text[:, :length]  # (B, T')
-        x = self.token_embedding(text) + self.positional_embedding[:length]  # (B, T', C)
-        x = self.transformer.forward_at(x, positions, is_causal=True)  # (B, C): the end-of-text token's output
-        return F.normalize(self.ln_final(x) @ self.text_projection, dim=-1)
+        if not self.config.is_siglip and text.shape[0] > 0:
+            text = text[:, : int(positions.max()) + 1]  # (B, T'): causal, so what follows changes nothing
+        return self.encode_text_at(text, positions)
+
+    def encode_text_at(self, text: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) read at `positions` (B,) -> L2-normalised features (B, embed_dim). `encode_text` picks
+        the positions and cuts the padding; an exported graph reads whole rows (no data-dependent length)."""
+        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, T, C)
+        causal = not self.config.is_siglip
+        x = self.transformer.forward_at(x, positions, is_causal=causal)  # (B, C): the pooled token's output
+        x = self.ln_final(x)
+        x = self.text_projection(x) if self.config.is_siglip else x @ self.text_projection
+        return F.normalize(x, dim=-1)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image_features (B_img, embed_dim), text_features (B_txt, embed_dim)), both L2-normalised: what a loss

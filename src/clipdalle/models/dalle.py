@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .decoding import last_block_output
-from .layers import KVCache, LayerNorm, Transformer
+from .layers import KVCache, LayerNorm, Transformer, init_gpt2_
 
 ATTENTION_PATTERNS = ("full", "row", "col", "conv")
 PAD_ID = 0  # the caption tokenizer's <pad> (CaptionTokenizer.pad_id); the model replaces it by a pad token per position
@@ -175,23 +175,8 @@ class DALLE(nn.Module):
 
     def _init_weights(self) -> None:
         """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for parameter in (
-            self.text_position_embedding,
-            self.start_of_image_embedding,
-            self.row_position_embedding,
-            self.column_position_embedding,
-        ):
-            nn.init.normal_(parameter, std=0.02)
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=0.02)
-            nn.init.zeros_(block.attn.in_proj_bias)
-            for projection in (block.attn.out_proj, block.mlp.c_proj):
-                nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        positions = [self.text_position_embedding, self.start_of_image_embedding]
+        init_gpt2_(self, self.transformer, [*positions, self.row_position_embedding, self.column_position_embedding])
 
     # -------------------------------------------------------------------------------------- embeddings
 

@@ -9,6 +9,8 @@ of DALL·E sampling live beside the model, in clipdalle.models.decoding).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,12 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+def tanh_gelu() -> nn.Module:
+    """GELU's tanh approximation: what SigLIP's towers use (transformers' gelu_pytorch_tanh, timm's gelu_tanh)."""
+    return nn.GELU(approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": tanh_gelu}
 
 
 def make_activation(name: str) -> nn.Module:
@@ -236,13 +243,15 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """c_fc -> activation -> c_proj with a 4x hidden width, as in GPT-2 and CLIP."""
+    """c_fc -> activation -> c_proj; the hidden width is 4x by default, as in GPT-2 and CLIP (ViT-bigG-14 and
+    SigLIP so400m use others)."""
 
-    def __init__(self, n_embd: int, activation: str = "gelu"):
+    def __init__(self, n_embd: int, activation: str = "gelu", hidden_width: int | None = None):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        hidden_width = hidden_width or 4 * n_embd
+        self.c_fc = nn.Linear(n_embd, hidden_width)
         self.activation = make_activation(activation)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.c_proj = nn.Linear(hidden_width, n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.activation(self.c_fc(x)))
@@ -251,12 +260,20 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """x + attn(ln_1(x)), then x + mlp(ln_2(x)) (pre-LN, GPT-2 / CLIP)."""
 
-    def __init__(self, n_embd: int, n_head: int, activation: str = "gelu", dropout: float = 0.0):
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        mlp_width: int | None = None,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
-        self.ln_1 = LayerNorm(n_embd)
+        self.ln_1 = LayerNorm(n_embd, eps=norm_eps)
         self.attn = SelfAttention(n_embd, n_head, dropout)
-        self.ln_2 = LayerNorm(n_embd)
-        self.mlp = MLP(n_embd, activation)
+        self.ln_2 = LayerNorm(n_embd, eps=norm_eps)
+        self.mlp = MLP(n_embd, activation, mlp_width)
         self.residual_dropout = nn.Dropout(dropout)
 
     def forward(
@@ -288,13 +305,15 @@ class Transformer(nn.Module):
         activation: str = "gelu",
         dropout: float = 0.0,
         grad_checkpointing: bool = False,
+        mlp_width: int | None = None,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.n_embd = n_embd
         self.n_layer = n_layer
         self.grad_checkpointing = grad_checkpointing
         self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(n_embd, n_head, activation, dropout) for _ in range(n_layer)]
+            [ResidualAttentionBlock(n_embd, n_head, activation, dropout, mlp_width, norm_eps) for _ in range(n_layer)]
         )
 
     def forward(
@@ -349,3 +368,20 @@ def init_transformer_(transformer: Transformer) -> None:
         nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
         nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
         nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+def init_gpt2_(model: nn.Module, transformer: Transformer, parameters: list[nn.Parameter]) -> None:
+    """GPT-2's initialisation (DALL·E's and the captioner's): Linear and Embedding weights and the given extra
+    parameters (position embeddings) N(0, 0.02), biases 0, residual projections scaled by 1/sqrt(2 * n_layer)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for parameter in parameters:
+        nn.init.normal_(parameter, std=0.02)
+    for block in transformer.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=0.02)
+        nn.init.zeros_(block.attn.in_proj_bias)
+        for projection in (block.attn.out_proj, block.mlp.c_proj):
+            nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * transformer.n_layer))

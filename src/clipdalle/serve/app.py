@@ -29,6 +29,7 @@ from .. import __version__
 from .clip_routes import clip_router
 from .common import ApiError, api_key_check, error_bytes, error_content, field_of, one_line
 from .context import ServeContext
+from .describe_routes import describe_router
 from .generation_routes import generation_router
 from .guards import ApiKeyFirst, HostCheck
 from .limits import BodySizeLimit, Busy, ClientGone, GenerationQueue, WorkLimiter
@@ -74,7 +75,8 @@ def create_app(models: ServeModels, settings: ServeSettings | None = None) -> Fa
         dependencies=[Depends(api_key_check(settings.api_key))],
         responses=error_responses(ErrorDetail),
     )
-    for router in (search_router(context), clip_router(context), generation_router(context)):
+    routers = (search_router(context), clip_router(context), generation_router(context), describe_router(context))
+    for router in routers:
         api.include_router(router)
     app.include_router(api)
     app.include_router(openai_router(context))

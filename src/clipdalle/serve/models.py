@@ -65,6 +65,7 @@ class ServeModels:
     vae: Any = None  # the dVAE the DALL·E model was trained with (RUN/vae)
     tokenizer: Any = None  # the DALL·E model's caption tokenizer (RUN/tokenizer.json)
     prompts: Any = None  # clipdalle.prompts.TrainingPrompts of the DALL·E run (RUN/prompts.json), or None
+    captioner: Any = None  # (model, dVAE, tokenizer) of a captioner run (clipdalle.caption.load_captioner), or None
 
     def __post_init__(self) -> None:
         if self.index is not None and self.clip is None:
@@ -92,37 +93,45 @@ def load_models(
     index: str | Path | None = None,
     clip: str | Path | None = None,
     dalle: str | Path | None = None,
+    captioner: str | Path | None = None,
     device: str = "cpu",
+    backend: str = "auto",
 ) -> ServeModels:
     """Loads what a server needs, once. `pipeline_dir` supplies `index/`, `clip/` and `dalle/` (each when present);
-    the keyword arguments name the parts directly and take precedence. The index opens with `clip` when given
-    (it must have the weights the index was built with), else with the CLIP run it records."""
+    the keyword arguments name the parts directly and take precedence (`captioner`: a captioner run, also found
+    as `captioner/`). The index opens with `clip` when given (it must have the weights the index was built with),
+    else with the CLIP run it records; the CLIP's towers run on `backend` (torch | onnx | auto: clipdalle.backends)."""
     if pipeline_dir is not None:
         root = Path(pipeline_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such pipeline directory (expected one holding index/, clip/, dalle/)")
-        found = {name: root / name for name in ("index", "clip", "dalle") if (root / name).is_dir()}
+        found = {name: root / name for name in ("index", "clip", "dalle", "captioner") if (root / name).is_dir()}
         if not found:
             raise ValueError(f"{root}: holds none of index/, clip/, dalle/; give --index, --clip or --dalle instead")
         index = index if index is not None else found.get("index")
         clip = clip if clip is not None else found.get("clip")
         dalle = dalle if dalle is not None else found.get("dalle")
+        captioner = captioner if captioner is not None else found.get("captioner")
     if index is None and clip is None and dalle is None:
         raise ValueError("nothing to serve: give a pipeline directory or at least one of index=, clip=, dalle=")
     models = ServeModels()
     if index is not None:
         from ..index import Index
 
-        models.index = Index.open(index, clip=clip, device=device)
+        models.index = Index.open(index, clip=clip, device=device, backend=backend)
     elif clip is not None:
-        from ..pretrained import load
+        from ..backends import load_encoder
 
-        models.clip = load(clip, device=device)
+        models.clip = load_encoder(clip, backend=backend, device=device)
     if dalle is not None:
         from ..checkpoint import load_dalle
         from ..prompts import TrainingPrompts
 
         models.dalle, models.vae, models.tokenizer = load_dalle(dalle, device)
         models.prompts = TrainingPrompts.load(dalle)
+    if captioner is not None:
+        from ..caption import load_captioner
+
+        models.captioner = load_captioner(captioner, device)
     models.__post_init__()
     return models

@@ -78,6 +78,38 @@ class ThumbnailCache:
                 self.memory.popitem(last=False)
 
 
+def read_indexed_image(context: ServeContext, row: dict) -> bytes:
+    """The stored bytes of an indexed image (a file or a shard member); a 404 if it has gone since indexing."""
+    try:
+        return read_image(row["path"], context.models.index.info.get("data", []))
+    except (OSError, KeyError, tarfile.TarError, EOFError):
+        raise ApiError(404, f"image {row['id']}: its file is no longer where the index found it") from None
+
+
+def result_items(context: ServeContext, hits: list[dict]) -> list[dict]:
+    """Index hits ({"id", "caption", "score"}) as SearchItem dicts, those removed since the search left out."""
+    index = context.need_index()
+    with index.lock:
+        rows = index.rows(hit["id"] for hit in hits)
+    results = []
+    for hit in hits:
+        row = rows.get(hit["id"])
+        if row is None:  # removed between the search and now
+            continue
+        results.append(
+            {
+                "id": hit["id"],
+                "caption": first_caption(hit["caption"]),
+                "score": float(hit["score"]),
+                "width": int(row["width"]),
+                "height": int(row["height"]),
+                "thumbnail": f"/api/images/{hit['id']}?size=thumb",
+                "url": f"/api/images/{hit['id']}",
+            }
+        )
+    return results
+
+
 def search_router(context: ServeContext) -> APIRouter:
     router = APIRouter()
     models, settings = context.models, context.settings
@@ -85,26 +117,7 @@ def search_router(context: ServeContext) -> APIRouter:
     thumbnails = ThumbnailCache(Path(folder) if folder is not None else None)
 
     def items(hits: list[dict]) -> list[dict]:
-        index = context.need_index()
-        with index.lock:
-            rows = index.rows(hit["id"] for hit in hits)
-        results = []
-        for hit in hits:
-            row = rows.get(hit["id"])
-            if row is None:  # removed between the search and now
-                continue
-            results.append(
-                {
-                    "id": hit["id"],
-                    "caption": first_caption(hit["caption"]),
-                    "score": float(hit["score"]),
-                    "width": int(row["width"]),
-                    "height": int(row["height"]),
-                    "thumbnail": f"/api/images/{hit['id']}?size=thumb",
-                    "url": f"/api/images/{hit['id']}",
-                }
-            )
-        return results
+        return result_items(context, hits)
 
     @router.get("/info", response_model=Info, summary="what this server can do, and its limits")
     def info() -> dict:
@@ -209,9 +222,6 @@ def search_router(context: ServeContext) -> APIRouter:
         return png
 
     def read_stored(row: dict) -> bytes:
-        try:
-            return read_image(row["path"], models.index.info.get("data", []))
-        except (OSError, tarfile.TarError, EOFError):
-            raise ApiError(404, f"image {row['id']}: its file is no longer where the index found it") from None
+        return read_indexed_image(context, row)
 
     return router

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models import dalle, dvae
+from ..models import captioner, dalle, dvae
 from ..models.clip import contrastive_loss_from_logits, gather_features_with_grad, pair_logits, siglip_loss_from_logits
 from ..runtime import is_gathering, unwrap
 
@@ -82,3 +82,9 @@ def dalle_loss(model: nn.Module, batch: dict, progress: float) -> tuple[torch.Te
         "image_bits": dalle.nats_to_bits(float(image_loss.detach())),
     }
     return loss, metrics
+
+
+def captioner_loss(model: nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Caption cross-entropy given the image's codes, on batch {"codes": (B, h*w), "text": (B, T)}."""
+    loss = captioner.loss(model, batch["codes"], batch["text"])
+    return loss, {"loss": float(loss.detach())}

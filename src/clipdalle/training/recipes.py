@@ -4,6 +4,7 @@ validation pictures handed to the one training loop (training.loop.train).
     train_vae(data, out, DVAEConfig(...), TrainConfig(...))
     train_clip(data, out, CLIPConfig(...), TrainConfig(...), init="ViT-B-32.pt", lock_image=True)
     train_dalle(data, out, DALLEConfig(...), TrainConfig(...), vae_run="runs/vae")
+    train_captioner(data, out, CaptionerConfig(...), TrainConfig(...), vae_run="runs/vae")
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .. import checkpoint, evaluate, sampling
 from ..config import TrainConfig, replace
 from ..data.loader import Augment, SampleStream, batches, make_loader
-from ..data.sources import Source, is_validation, open_source, resolve_splits
+from ..data.sources import Source, is_validation, open_mixture, open_source, resolve_splits
 from ..io import DirectoryLock
-from ..models import CLIP, DALLE, DiscreteVAE
-from ..pretrained import load
+from ..models import CLIP, DALLE, Captioner, DiscreteVAE
+from ..pretrained import load, load_tokenizer, run_tokenizer
 from ..prompts import write_training_prompts
 from ..runtime import barrier, distributed_context, init_distributed, resolve_device
-from ..tokenizers import CaptionTokenizer, ClipTokenizer
+from ..tokenizers import CaptionTokenizer
 from ..tokenizers.caption import MIN_VOCAB_SIZE
 from ..transforms import make_grid
 from ..zero_shot import check_templates
@@ -42,17 +43,22 @@ def data_streams(
     *,
     val_data: str | Path | None = None,
     captions: str = "required",
+    extra_data: list[str] | tuple[str, ...] = (),
 ) -> tuple[Callable[[int], Iterator[dict]], Callable[[], Iterable[dict]]]:
     """Training and validation batch functions for `train`, from a dataset path (see data/sources.py).
 
     A directory with train/ and val/ uses them; else `val_data`; else a stable hash of each sample's key holds
-    out `config.val_fraction` of the data. Training captions go through `config.caption_templates`; validation
+    out `config.val_fraction` of the data. `extra_data` ("PATH" or "PATH:REPEATS" each) is mixed into the training
+    data only (`data.sources.open_mixture`). Training captions go through `config.caption_templates`; validation
     captions never do, so validation losses compare across runs with and without them."""
     augment = image_augment(config)
     rank, world, local_rank = distributed_context()
     train_path, val_path = resolve_splits(data, val_data)
-    train_source = open_source(train_path, captions=captions)
-    val_source = open_source(val_path, captions=captions) if val_path is not None else train_source
+    train_source = open_mixture(train_path, list(extra_data), captions=captions)
+    if val_path is not None:
+        val_source = open_source(val_path, captions=captions)
+    else:
+        val_source = open_source(train_path, captions=captions) if extra_data else train_source
     holdout = None if val_path is not None else "train"
 
     def train_stream(start_batch: int) -> SampleStream:
@@ -68,6 +74,8 @@ def data_streams(
             rank=rank,
             world_size=world,
             caption_templates=caption_templates(config) if captions != "none" else (),
+            hard_negative_words=tuple(config.hard_negative_words),
+            hard_negative_share=config.hard_negative_share,
         )
 
     def val_batches() -> Iterable[dict]:
@@ -101,10 +109,13 @@ def caption_templates(config: TrainConfig) -> tuple[str, ...]:
     return templates
 
 
-def training_split(data: str | Path, val_data: str | Path | None = None) -> tuple[Source, str | None]:
-    """(the source training reads, "train" when a hash hold-out splits it or None), as `data_streams` splits."""
+def training_split(
+    data: str | Path, val_data: str | Path | None = None, extra_data: list[str] | tuple[str, ...] = ()
+) -> tuple[Source, str | None]:
+    """(the source training reads, "train" when a hash hold-out splits it or None), as `data_streams` splits: with
+    `extra_data`, the mixture, so that an epoch is a pass over everything the training stream reads."""
     train_path, val_path = resolve_splits(data, val_data)
-    return open_source(train_path, captions="none"), None if val_path is not None else "train"
+    return open_mixture(train_path, list(extra_data), captions="none"), None if val_path is not None else "train"
 
 
 def with_epochs(config: TrainConfig, source: Source, holdout: str | None) -> TrainConfig:
@@ -132,11 +143,15 @@ def train_vae(
     config: TrainConfig,
     *,
     val_data: str | Path | None = None,
+    extra_data: list[str] | tuple[str, ...] = (),
     resume: bool = False,
 ) -> torch.nn.Module:
-    """Trains the discrete VAE (images only: caption files are never opened) into the run directory `out`."""
-    config = with_epochs(config, *training_split(data, val_data))
-    train_batches, val_batches = data_streams(data, config, model_config.image_size, val_data=val_data, captions="none")
+    """Trains the discrete VAE (images only: caption files are never opened) into the run directory `out`;
+    `extra_data` is mixed into the training data (`data_streams`)."""
+    config = with_epochs(config, *training_split(data, val_data, extra_data))
+    train_batches, val_batches = data_streams(
+        data, config, model_config.image_size, val_data=val_data, captions="none", extra_data=extra_data
+    )
     torch.manual_seed(config.seed)
     model = DiscreteVAE(model_config)
 
@@ -196,6 +211,7 @@ def train_clip(
     init: str | Path | None = None,
     lock_image: bool = False,
     val_data: str | Path | None = None,
+    extra_data: list[str] | tuple[str, ...] = (),
     resume: bool = False,
 ) -> torch.nn.Module:
     """Trains CLIP on (image, caption) pairs into `out`: from scratch with our caption tokenizer, or fine-tuned
@@ -204,8 +220,9 @@ def train_clip(
     out = Path(out)
     rank, _, local_rank = distributed_context()
     init_distributed(resolve_device(config.device, local_rank))
-    if resume and (out / "vocab.json").exists():  # a fine-tuned run keeps its foreign CLIP BPE
-        tokenizer = ClipTokenizer.from_files(out)
+    foreign = run_tokenizer(out, siglip=model_config.is_siglip) if resume else None
+    if foreign is not None and foreign.is_dir():  # a fine-tuned run keeps its foreign tokenizer (CLIP BPE, SigLIP)
+        tokenizer = load_tokenizer(foreign, siglip=model_config.is_siglip)
         model = CLIP(model_config)
     elif init is not None and not resume:
         model, _, tokenizer = load(init)
@@ -235,36 +252,50 @@ def train_clip(
         metrics["zero_shot_accuracy"] = evaluate.caption_zero_shot_accuracy(model, batches_, tokenizer)
         return metrics, evaluate.clip_picture(model, batches_)
 
-    config = with_epochs(config, *training_split(data, val_data))
-    train_batches, val_batches = data_streams(data, config, model.config.image_size, val_data=val_data)
+    config = with_epochs(config, *training_split(data, val_data, extra_data))
+    train_batches, val_batches = data_streams(
+        data, config, model.config.image_size, val_data=val_data, extra_data=extra_data
+    )
     return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=validate, resume=resume)
 
 
 def _save_tokenizer(tokenizer: Any, out: Path) -> None:
     if isinstance(tokenizer, CaptionTokenizer):
         tokenizer.save(out / checkpoint.TOKENIZER_FILE)
-    else:  # OpenAI's BPE: vocab.json + merges.txt, which clip.load reads back
+    else:  # OpenAI's BPE (vocab.json + merges.txt) or SigLIP's files, which clip.load reads back
         tokenizer.save(out)
 
 
-def train_dalle(
+class CodeData(NamedTuple):
+    """What a model trained on a token cache needs: the run's dVAE, its caption tokenizer, the model config with
+    the dVAE's sizes, the train config (steps set from `epochs` over the cached codes), the batch functions for
+    `train` (batches carry "codes" and captions) and `with_text`, which adds a batch's token ids as "text"
+    (B, text_length)."""
+
+    vae: torch.nn.Module
+    tokenizer: Any
+    model_config: Any
+    config: TrainConfig
+    train_batches: Iterator[dict]
+    val_batches: Callable[[], Iterable[dict]]
+    with_text: Callable[[dict], dict]
+
+
+def prepare_codes(
     data: str | Path,
-    out: str | Path,
+    out: Path,
     model_config: Any,
     config: TrainConfig,
     *,
     vae_run: str | Path,
-    tokenizer_path: str | Path | None = None,
-    tokens: str | Path | None = None,
-    val_data: str | Path | None = None,
-    resume: bool = False,
-) -> torch.nn.Module:
-    """Trains the DALL·E transformer on a dataset encoded once by the dVAE in `vae_run`.
-
-    The dVAE is copied into RUN/vae/ (a run refuses a different dVAE later); the dataset's codes are cached in
-    `tokens` (default RUN/tokens/) and reused while the dVAE and the data are the same; each evaluation reports
-    validation loss in bits per image token and writes samples for fixed validation captions."""
-    out = Path(out)
+    tokenizer_path: str | Path | None,
+    tokens: str | Path | None,
+    val_data: str | Path | None,
+    resume: bool,
+) -> CodeData:
+    """The process group started, the dVAE copied into RUN/vae/ (a run refuses a different dVAE later),
+    image_vocab_size and grid_size taken from it, the caption tokenizer (`prepare_tokenizer`), and the dataset's
+    codes cached in `tokens` (default RUN/tokens/) and reused while the dVAE and the data are the same."""
     rank, world, local_rank = distributed_context()
     device = resolve_device(config.device, local_rank)
     init_distributed(device)
@@ -275,7 +306,7 @@ def train_dalle(
                 if Path(vae_run).resolve() != vae_dir.resolve() and weights_sha256(vae_dir) != weights_sha256(vae_run):
                     raise ValueError(
                         f"{out} was trained with the dVAE in {vae_dir} (sha256 {weights_sha256(vae_dir)[:12]}), "
-                        f"not with {vae_run} (sha256 {weights_sha256(vae_run)[:12]}); train a new DALL·E run for "
+                        f"not with {vae_run} (sha256 {weights_sha256(vae_run)[:12]}); train a new run for "
                         "another dVAE"
                     )
             else:
@@ -335,10 +366,37 @@ def train_dalle(
         )
         return make_loader(stream, num_workers=0)
 
+    text_length = model_config.text_length
+
     def with_text(batch: dict) -> dict:
         if "text" not in batch:
-            batch["text"] = tokenizer(batch["captions"], model_config.text_length).to(batch["codes"].device)
+            batch["text"] = tokenizer(batch["captions"], text_length).to(batch["codes"].device)
         return batch
+
+    train_batches = batches(train_stream, config.num_workers, pin_memory=device.type == "cuda")
+    return CodeData(vae, tokenizer, model_config, config, train_batches, val_batches, with_text)
+
+
+def train_dalle(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    vae_run: str | Path,
+    tokenizer_path: str | Path | None = None,
+    tokens: str | Path | None = None,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains the DALL·E transformer on a dataset encoded once by the dVAE in `vae_run` (see `prepare_codes`);
+    each evaluation reports validation loss in bits per image token and writes samples for fixed validation
+    captions."""
+    out = Path(out)
+    vae, tokenizer, model_config, config, train_batches, val_batches, with_text = prepare_codes(
+        data, out, model_config, config, vae_run=vae_run, tokenizer_path=tokenizer_path, tokens=tokens,
+        val_data=val_data, resume=resume,
+    )  # fmt: skip
 
     def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         return objectives.dalle_loss(model, with_text(batch), progress)
@@ -353,13 +411,36 @@ def train_dalle(
 
     torch.manual_seed(config.seed)
     model = DALLE(model_config)
-    return train(
-        model,
-        loss_fn,
-        batches(train_stream, config.num_workers, pin_memory=device.type == "cuda"),
-        out,
-        config,
-        val_batches=val_batches,
-        evaluate=validate,
-        resume=resume,
-    )
+    return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=validate, resume=resume)
+
+
+def train_captioner(
+    data: str | Path,
+    out: str | Path,
+    model_config: Any,
+    config: TrainConfig,
+    *,
+    vae_run: str | Path,
+    tokenizer_path: str | Path | None = None,
+    tokens: str | Path | None = None,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """Trains the captioner (DALL·E's stream reversed: codes, then caption) on the dataset's captions, its images
+    encoded once by the dVAE in `vae_run` (see `prepare_codes`); each evaluation reports the validation caption
+    loss (nats per token) and its perplexity."""
+    out = Path(out)
+    _, _, model_config, config, train_batches, val_batches, with_text = prepare_codes(
+        data, out, model_config, config, vae_run=vae_run, tokenizer_path=tokenizer_path, tokens=tokens,
+        val_data=val_data, resume=resume,
+    )  # fmt: skip
+
+    def loss_fn(model: torch.nn.Module, batch: dict, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return objectives.captioner_loss(model, with_text(batch), progress)
+
+    def validate(model: torch.nn.Module, batches_: list[dict]) -> tuple[dict[str, float], None]:
+        return evaluate.captioner_metrics(model, [with_text(batch) for batch in batches_]), None
+
+    torch.manual_seed(config.seed)
+    model = Captioner(model_config)
+    return train(model, loss_fn, train_batches, out, config, val_batches=val_batches, evaluate=validate, resume=resume)

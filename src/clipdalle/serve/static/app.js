@@ -4,7 +4,7 @@
 "use strict";
 
 const KEY_STORAGE = "clipdalle-api-key";
-const TABS = ["search", "classify", "generate", "edit"];
+const TABS = ["search", "classify", "describe", "duplicates", "generate", "edit"];
 const RESULTS_PER_SEARCH = 24; // fills rows of 2, 3, 4, 6 and 8 columns evenly
 const SMALL_IMAGE = 128; // images narrower than this are scaled up with crisp pixels instead of blur
 
@@ -15,6 +15,8 @@ const state = {
   editFile: null,
   editImage: null, // HTMLImageElement of the uploaded image, for the canvas
   editBox: null, // [x0, y0, x1, y1] in pixels of the uploaded image, end exclusive
+  heatQuery: null, // the query the shown results answer, for their heat maps (null: an uploaded image)
+  describeFile: null,
 };
 
 const element = (id) => document.getElementById(id);
@@ -265,7 +267,7 @@ function applyInfo(info) {
   const limits = info.limits || {};
   for (const id of ["generate-n", "edit-n"]) if (limits.max_n) element(id).max = limits.max_n;
   for (const id of ["generate-keep", "edit-keep"]) if (limits.max_keep) element(id).max = limits.max_keep;
-  for (const id of ["generate-prompt", "edit-prompt", "search-input"]) {
+  for (const id of ["generate-prompt", "edit-prompt", "search-input", "describe-query"]) {
     if (limits.max_prompt_chars) element(id).maxLength = limits.max_prompt_chars;
   }
 }
@@ -310,16 +312,71 @@ function renderSearchResults(results) {
       );
       card.setAttribute("aria-label", `${caption}, score ${item.score.toFixed(3)}: find similar images`);
       card.addEventListener("click", () => searchSimilarTo(item, caption));
-      return make("li", {}, [card]);
+      const actions = make("span", { className: "card-actions" }, [
+        make("span", { className: "muted", text: `#${item.id}` }),
+        termButton(item.id, "+", `Add image #${item.id} to the query`),
+        termButton(item.id, "-", `Subtract image #${item.id} from the query`),
+      ]);
+      return make("li", { className: "result" }, [card, actions]);
     }),
   );
+  if (element("heat-toggle").checked) showHeatMaps();
+}
+
+// "+" or "-" beside a result: adds the image to the query as a term and searches again.
+function termButton(id, sign, label) {
+  const button = make("button", { type: "button", className: "term", text: sign === "+" ? "+" : "−" });
+  button.setAttribute("aria-label", label);
+  button.title = label;
+  button.addEventListener("click", () => {
+    const input = element("search-input");
+    const current = input.value.trim() || state.heatQuery || "";
+    input.value = current ? `${current} ${sign} #${id}` : `${sign === "-" ? "- " : ""}#${id}`;
+    searchText(input.value.trim());
+  });
+  return button;
+}
+
+// Heat maps: each result's thumbnail gets the model's view of it with the query's relevance map painted on.
+function showHeatMaps() {
+  const cards = [...element("search-results").querySelectorAll("button.card")];
+  if (!state.heatQuery) {
+    element("search-error").textContent = "Heat maps follow text and #ID queries, not an uploaded image.";
+    element("search-error").hidden = false;
+    return;
+  }
+  const query = state.heatQuery;
+  for (const card of cards) {
+    const thumb = card.querySelector(".thumb");
+    if (thumb.querySelector(".heat-overlay")) continue;
+    const overlay = make("img", { className: "heat-overlay pixelated", alt: "" });
+    thumb.append(overlay);
+    const params = new URLSearchParams({ q: query });
+    apiJson(`/api/explain/${encodeURIComponent(card.dataset.id)}?${params}`)
+      .then((answer) => {
+        if (state.heatQuery !== query) return; // a newer search replaced these results
+        overlay.alt = `Where “${query}” matches image #${card.dataset.id} (peak at ${answer.peak.join(", ")})`;
+        overlay.src = answer.overlay;
+      })
+      .catch((problem) => {
+        overlay.remove();
+        thumb.title = `No heat map: ${problem.message}`;
+      });
+  }
+}
+
+function hideHeatMaps() {
+  element("search-results")
+    .querySelectorAll(".heat-overlay")
+    .forEach((overlay) => overlay.remove());
 }
 
 function searchText(query) {
   showQuery([make("span", { text: "Images matching " }), make("q", { text: query })]);
+  state.heatQuery = query;
   return runTask("search", async () => {
     const params = new URLSearchParams({ q: query, k: searchCount() });
-    const answer = await apiJson(`/api/search?${params}`);
+    const answer = await apiJson(`/api/query?${params}`);
     renderSearchResults(answer.results);
   });
 }
@@ -329,6 +386,7 @@ function searchSimilarTo(item, caption) {
   showImage(thumb, item.thumbnail);
   showQuery([make("span", { text: "Images like " }), thumb, make("q", { text: caption })]);
   window.scrollTo({ top: 0, behavior: "smooth" });
+  state.heatQuery = `#${item.id}`;
   return runTask("search", async () => {
     const answer = await apiJson(`/api/similar/${encodeURIComponent(item.id)}?k=${searchCount()}`);
     renderSearchResults(answer.results);
@@ -338,6 +396,7 @@ function searchSimilarTo(item, caption) {
 function searchSimilarToFile(file) {
   const thumb = make("img", { alt: "", className: "query-thumb", src: URL.createObjectURL(file) });
   showQuery([make("span", { text: "Images like " }), thumb, make("q", { text: file.name })]);
+  state.heatQuery = null;
   return runTask("search", async () => {
     const form = new FormData();
     form.append("image", file, file.name);
@@ -354,6 +413,10 @@ function wireSearch() {
     if (query) searchText(query);
   });
   wireDropzone(element("similar-drop"), element("similar-file"), "search", searchSimilarToFile);
+  element("heat-toggle").addEventListener("change", (event) => {
+    if (event.target.checked) showHeatMaps();
+    else hideHeatMaps();
+  });
   // Pasting an image (Ctrl+V) on the search tab searches with it too.
   document.addEventListener("paste", (event) => {
     if (element("panel-search").hidden || !state.info || !state.info.search) return;
@@ -414,6 +477,130 @@ function wireClassify() {
       if (template) form.append("template", template);
       const answer = await apiJson("/api/classify", { method: "POST", body: form });
       renderBars(answer.results);
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------------- describe
+
+function renderCaption(answer) {
+  const parts = [
+    make("p", { className: "caption-text", text: answer.caption }),
+    make("p", {
+      className: "muted",
+      text: `${answer.method === "captioner" ? "Written by the captioner" : "Composed from labels"}, CLIP score ${
+        answer.score.toFixed(3)
+      }`,
+    }),
+  ];
+  if (answer.terms) {
+    const tables = Object.entries(answer.terms).map(([table, terms]) =>
+      make("li", {}, [
+        make("strong", { text: `${table}: ` }),
+        make("span", { text: terms.map((term) => `${term.term} ${term.score.toFixed(3)}`).join(" · ") }),
+      ]),
+    );
+    parts.push(make("ul", { className: "terms", "aria-label": "Best terms per table" }, tables));
+  }
+  if (answer.candidates) {
+    const candidates = answer.candidates.map((candidate) =>
+      make("li", { text: `${candidate.caption} (${candidate.score.toFixed(3)})` }),
+    );
+    parts.push(make("ol", { className: "terms", "aria-label": "Sampled captions, best first" }, candidates));
+  }
+  element("describe-results").replaceChildren(...parts);
+}
+
+function renderExplanation(answer) {
+  const picture = make("img", {
+    className: "explained pixelated",
+    src: answer.overlay,
+    alt: `Where “${answer.text}” matches the image: hottest at ${answer.peak.join(", ")}`,
+  });
+  element("describe-results").replaceChildren(
+    picture,
+    make("p", {
+      className: "muted",
+      text: `“${answer.text}”: CLIP score ${answer.score.toFixed(3)}, ${answer.method} map`,
+    }),
+  );
+}
+
+function wireDescribe() {
+  const zone = element("describe-drop");
+  wireDropzone(zone, element("describe-file"), "describe", (file) => {
+    state.describeFile = file;
+    setPreview(zone, element("describe-preview"), file);
+  });
+  const needFile = () => {
+    if (state.describeFile) return true;
+    showError("describe", "Choose an image first.");
+    return false;
+  };
+  element("describe-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (!needFile()) return;
+    runTask("describe", async () => {
+      const form = new FormData();
+      form.append("image", state.describeFile, state.describeFile.name);
+      const labels = element("describe-labels").value.trim();
+      if (labels) form.append("labels", labels);
+      renderCaption(await apiJson("/api/caption", { method: "POST", body: form }));
+    });
+  });
+  element("describe-explain").addEventListener("click", () => {
+    const query = element("describe-query").value.trim();
+    if (!needFile()) return;
+    if (!query) {
+      showError("describe", "Type what to look for, e.g. “a red heart”.");
+      return;
+    }
+    runTask("describe", async () => {
+      const form = new FormData();
+      form.append("image", state.describeFile, state.describeFile.name);
+      form.append("q", query);
+      renderExplanation(await apiJson("/api/explain", { method: "POST", body: form }));
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------------- duplicates
+
+function renderDuplicates(answer) {
+  const summary = element("duplicates-summary");
+  summary.textContent =
+    `${answer.groups_total} group${answer.groups_total === 1 ? "" : "s"}: ${answer.grouped} of ` +
+    `${answer.images} images have a near-duplicate (cosine above ${answer.threshold}).`;
+  summary.hidden = false;
+  element("duplicates-threshold").placeholder = String(answer.threshold);
+  element("duplicates-results").replaceChildren(
+    ...answer.groups.map((group) => {
+      const images = group.images.map((image) => {
+        const caption = image.caption || `Image #${image.id}`;
+        const img = make("img", { alt: `#${image.id}: ${caption}`, loading: "lazy" });
+        showImage(img, image.thumbnail);
+        return make("li", { className: "member" }, [
+          make("a", { href: image.url, target: "_blank", rel: "noopener", title: caption }, [img]),
+          make("span", { className: "muted", text: `#${image.id}` }),
+        ]);
+      });
+      const range = `cosine ${group.min_score.toFixed(3)}–${group.max_score.toFixed(3)}`;
+      return make("li", { className: "group" }, [
+        make("p", { className: "group-title", text: `${group.ids.length} images · ${range}` }),
+        make("ul", { className: "members" }, images),
+      ]);
+    }),
+  );
+}
+
+function wireDuplicates() {
+  element("duplicates-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const threshold = element("duplicates-threshold").value.trim();
+    runTask("duplicates", async () => {
+      const params = new URLSearchParams({ max_groups: 50 });
+      if (threshold) params.set("threshold", threshold);
+      renderDuplicates(await apiJson(`/api/duplicates?${params}`));
     });
   });
 }
@@ -630,6 +817,8 @@ wireTabs();
 wireAuth();
 wireSearch();
 wireClassify();
+wireDescribe();
+wireDuplicates();
 wireGenerate();
 wireEdit();
 loadInfo();
