@@ -54,7 +54,7 @@ def test_flag_help_comes_from_field_comment():
 
 
 def test_every_preset_builds_the_configs_it_names():
-    from clipdalle.demo.pipeline import pipeline_configs
+    from clipdalle.demo.icon_collection import pipeline_configs
     from clipdalle.models import CaptionerConfig, CLIPConfig, DALLEConfig, DVAEConfig
 
     model_configs = {"vae": DVAEConfig, "clip": CLIPConfig, "dalle": DALLEConfig, "captioner": CaptionerConfig}

@@ -14,10 +14,13 @@ HOLD_THEN_FORK = """
 import os, sys, time
 from clipdalle.io import DirectoryLock
 DirectoryLock(sys.argv[1]).acquire()
+started, ready = os.pipe()
 child = os.fork()  # as a DataLoader starts its workers
 if child == 0:
+    os.write(ready, b"1")  # the fork handlers have run: a killed parent must not leave the lock to this child
     time.sleep(60)
     os._exit(0)
+os.read(started, 1)
 print(child, flush=True)
 time.sleep(60)
 """

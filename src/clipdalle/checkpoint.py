@@ -2,6 +2,8 @@
 
     RUN/config.json        {"clipdalle": {"model_type", "format_version"}, "model": {...}, "train": {...}}
     RUN/model.safetensors  latest good weights of the unwrapped model (no `module.` / `_orig_mod.` prefixes)
+    RUN/best/              config.json, model.safetensors (and the tokenizer) of the lowest validation loss so far:
+                           what loading gives by default (`which="best"`); `which="last"` gives RUN/model.safetensors
     RUN/tokenizer.json     where the model reads text
     RUN/train_state.pt     optimizer, scheduler, step, data position: for --resume only (weights_only=True)
     RUN/metrics.csv, RUN/loss.png, RUN/samples/step_NNNNNN.png
@@ -9,12 +11,14 @@
 Every file is written to a temporary name in the same directory and renamed into place, so a killed process
 leaves either the old file or the new one. A checkpoint is two files (weights and train state) written as a
 two-phase commit: both temporaries are complete before either is renamed, and `recover` rolls a half-done
-rename forward, so resuming never pairs weights of one step with optimizer state of another.
+rename forward, so resuming never pairs weights of one step with optimizer state of another. The best weights are
+one more file, RUN/best/model.safetensors, replaced atomically beside a config.json that never changes in a run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TRAIN_STATE_FILE = "train_state.pt"
+BEST_DIR = "best"
+WHICH = ("best", "last")  # the weights loading picks: RUN/best/ when the run has it, or the latest
+TOKENIZER_FILES = (TOKENIZER_FILE, "vocab.json", "merges.txt")  # our caption BPE, or a fine-tuned CLIP's OpenAI BPE
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -145,14 +152,26 @@ def save_model(run_dir: str | Path, model: torch.nn.Module, train_config: Any = 
     return run_dir
 
 
+def weights_path(run_dir: str | Path, which: str = "best") -> Path:
+    """The weights file loading reads: RUN/best/model.safetensors for `which="best"` when the run kept one (the lowest
+    validation loss), else RUN/model.safetensors (the latest)."""
+    if which not in WHICH:
+        raise ValueError(f"which weights: expected one of {', '.join(WHICH)}, got {which!r}")
+    run_dir = Path(run_dir)
+    best = run_dir / BEST_DIR / WEIGHTS_FILE
+    return best if which == "best" and best.is_file() else run_dir / WEIGHTS_FILE
+
+
 def load_model(
     run_dir: str | Path,
     expect: str | None = None,
     device: str | torch.device = "cpu",
     overrides: dict[str, Any] | None = None,
+    which: str = "best",
 ) -> torch.nn.Module:
-    """Builds the model named by RUN/config.json and loads its weights strictly; `expect` checks the type;
-    `overrides` changes config fields that do not change the weights' shapes (e.g. a CLIP's activation)."""
+    """Builds the model named by RUN/config.json and loads its weights strictly: the best ones (RUN/best/) when the
+    run kept them, else the latest (`which="last"` always takes the latest); `expect` checks the type; `overrides`
+    changes config fields that do not change the weights' shapes (e.g. a CLIP's activation)."""
     run_dir = Path(run_dir)
     values = read_config(run_dir)
     model_type = values["clipdalle"]["model_type"]
@@ -161,7 +180,7 @@ def load_model(
     cls = model_class(model_type)
     fields = {**values.get("model", {}), **(overrides or {})}
     model = cls(from_dict(cls.config_class, fields, source=str(run_dir / CONFIG_FILE)))
-    load_weights(run_dir / WEIGHTS_FILE, model)
+    load_weights(weights_path(run_dir, which), model)
     return model.to(device).eval()
 
 
@@ -184,7 +203,10 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, train_state: di
     check_finite(model, run_dir / WEIGHTS_FILE, step)
     weights_tmp = run_dir / f".{WEIGHTS_FILE}.commit"
     state_tmp = run_dir / f".{TRAIN_STATE_FILE}.commit"
-    save_safetensors_model(unwrap(model), str(weights_tmp), metadata={"step": str(step)})
+    metadata = {"step": str(step)}
+    if train_state.get("stopped"):
+        metadata["stopped"] = str(train_state["stopped"])
+    save_safetensors_model(unwrap(model), str(weights_tmp), metadata=metadata)
     torch.save(train_state, state_tmp)
     fsync(weights_tmp)
     fsync(state_tmp)
@@ -226,17 +248,54 @@ def checkpoint_step(run_dir: str | Path) -> int | None:
     return int(step) if step is not None else None
 
 
-def load_dalle(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, Any]:
-    """A DALL·E run as (transformer, its dVAE from RUN/vae, its caption tokenizer), in eval mode."""
-    return load_code_model(run_dir, expect="dalle", device=device)
+def checkpoint_stopped(run_dir: str | Path) -> str | None:
+    """Why the run's last checkpoint ended training before its last step ("early_stop" or "time_limit"), or None."""
+    path = Path(run_dir) / WEIGHTS_FILE
+    return weights_metadata(path).get("stopped") if path.exists() else None
+
+
+def save_best(run_dir: str | Path, model: torch.nn.Module, train_config: Any, step: int, val_loss: float) -> Path:
+    """RUN/best/: the weights of the lowest validation loss so far (step and loss in their metadata), beside the
+    run's config and tokenizer, so RUN/best/ also loads on its own. The weights file is replaced atomically; the
+    config and tokenizer are the same for the whole run. Non-finite weights are refused, as for checkpoints."""
+    run_dir = Path(run_dir)
+    best = run_dir / BEST_DIR
+    check_finite(model, best / WEIGHTS_FILE, step)
+    best.mkdir(parents=True, exist_ok=True)
+    save_config(best, model, train_config)
+    for name in TOKENIZER_FILES:
+        if (run_dir / name).is_file() and not (best / name).is_file():
+            atomic_write(best / name, lambda tmp, source=run_dir / name: shutil.copyfile(source, tmp))
+    metadata = {"step": str(step), "val_loss": repr(float(val_loss))}
+    return atomic_write(
+        best / WEIGHTS_FILE, lambda tmp: save_safetensors_model(unwrap(model), str(tmp), metadata=metadata)
+    )
+
+
+def best_checkpoint(run_dir: str | Path) -> dict[str, float] | None:
+    """{"step", "val_loss"} of RUN/best/, or None when the run kept no best weights."""
+    path = Path(run_dir) / BEST_DIR / WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    metadata = weights_metadata(path)
+    return {"step": int(metadata.get("step", -1)), "val_loss": float(metadata.get("val_loss", "nan"))}
+
+
+def load_dalle(
+    run_dir: str | Path, device: str | torch.device = "cpu", which: str = "best"
+) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """A DALL·E run as (transformer, its dVAE from RUN/vae, its caption tokenizer), in eval mode; `which` picks the
+    transformer's weights (see `load_model`). The dVAE is always the one the codes came from: RUN/vae as training
+    loaded it (its best weights when it kept them)."""
+    return load_code_model(run_dir, expect="dalle", device=device, which=which)
 
 
 def load_code_model(
-    run_dir: str | Path, expect: str, device: str | torch.device = "cpu"
+    run_dir: str | Path, expect: str, device: str | torch.device = "cpu", which: str = "best"
 ) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """A run of a model trained on dVAE codes and captions (`expect`: dalle, captioner) as (model, its dVAE from
-    RUN/vae, its caption tokenizer), in eval mode."""
+    RUN/vae, its caption tokenizer), in eval mode; `which` picks the model's weights (see `load_model`)."""
     run_dir = Path(run_dir)
-    model = load_model(run_dir, expect=expect, device=device)
+    model = load_model(run_dir, expect=expect, device=device, which=which)
     vae = load_model(run_dir / "vae", expect="dvae", device=device)
     return model, vae, CaptionTokenizer.load(run_dir / TOKENIZER_FILE)

@@ -169,8 +169,9 @@ def load_dalle_bundle(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
-    model, vae, tokenizer = checkpoint.load_dalle(args.dalle, device=device)
-    clip_bundle = pretrained.load(args.clip, device=device) if args.clip else None
+    which = "last" if args.last else "best"
+    model, vae, tokenizer = checkpoint.load_dalle(args.dalle, device=device, which=which)
+    clip_bundle = pretrained.load(args.clip, device=device, which=which) if args.clip else None
     return model, vae, tokenizer, clip_bundle
 
 
@@ -652,9 +653,54 @@ def cmd_moderate(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from .demo.pipeline import run_pipeline
+    from .demo.plan import parse_budget
 
-    report = run_pipeline(args.preset, args.out, fresh=args.fresh, data_dir=args.data_dir)
+    if args.data == "icons":
+        icon_pipeline(args)
+        return
+    from .demo.pipeline import run_collection
+
+    if args.out is None:
+        raise ValueError("pipeline --data DIR: give --out DIR for the models and the report")
+    budget = parse_budget(args.budget) if args.budget else None if args.preset else parse_budget("25m")
+    summary = run_collection(
+        args.data, args.out, budget_s=budget, preset=args.preset, clip=args.clip, captions_from=args.captions_from,
+        plain=args.plain, judge=args.judge_clip, baseline=args.baseline, fresh=args.fresh, dry_run=args.dry_run,
+    )  # fmt: skip
+    if summary is not None:
+        print(f"done: {summary}")
+
+
+def icon_pipeline(args: argparse.Namespace) -> None:
+    """`clipdalle pipeline [--data icons]`: the demo's presets; --budget picks the largest that fits."""
+    from .config import load_preset
+    from .demo.icon_collection import checked_preset, preset_for_budget
+    from .demo.pipeline import run_pipeline
+    from .demo.plan import format_seconds, parse_budget
+
+    collection_only = {
+        "--clip": args.clip,
+        "--captions-from": args.captions_from != "txt",
+        "--plain": args.plain,
+        "--judge-clip": args.judge_clip,
+        "--baseline": args.baseline,
+    }
+    for flag, given in collection_only.items():
+        if given:
+            raise ValueError(f"{flag} applies to a collection of your own (--data DIR), not to the built-in icons")
+    if args.preset and args.budget:
+        raise ValueError("give --preset or --budget, not both")
+    preset = args.preset or (preset_for_budget(parse_budget(args.budget)) if args.budget else "demo")
+    if args.dry_run:
+        spec, _ = checked_preset(preset)
+        expected = spec.get("expected_s", {})
+        print(f"data: the built-in icons (Material Design Icons 6), rendered into {args.data_dir}", file=sys.stderr)
+        print(f"preset {preset}: {load_preset(preset).get('description', '')}", file=sys.stderr)
+        stages = ", ".join(f"{name} {format_seconds(seconds)}" for name, seconds in expected.items())
+        print(f"  expected: {stages}; total {format_seconds(sum(expected.values()))}", file=sys.stderr)
+        print("dry run: nothing written", file=sys.stderr)
+        return
+    report = run_pipeline(preset, args.out or "runs/demo", fresh=args.fresh, data_dir=args.data_dir)
     print(f"done: {report}")
 
 
@@ -810,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
         sub.add_argument("--seed", type=int, default=None, help="base seed (sample i gets seed + i)")
         sub.add_argument("--batch-size", type=int, default=64, help="samples decoded at once")
+        sub.add_argument("--last", action="store_true", help="the runs' last weights, not their best (RUN/best/)")
         add_runtime_flags(sub)
         return sub
 
@@ -976,9 +1023,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(serve)
     add_backend_flag(serve)
 
-    pipeline = command(commands, "pipeline", cmd_pipeline, "run a multi-stage job (the demo) end to end")
-    pipeline.add_argument("--preset", default="demo", help="pipeline preset in configs/ (demo, small, ml6)")
-    pipeline.add_argument("--out", default="runs/demo", help="output folder for the models and the report")
+    pipeline = command(commands, "pipeline", cmd_pipeline, "train, index, evaluate and report on a collection")
+    pipeline.add_argument("--data", default="icons", help="icons (the built-in demo), or a folder, shards or manifest")
+    pipeline.add_argument("--out", default=None, help="output folder for the models and the report (icons: runs/demo)")
+    pipeline.add_argument("--budget", default=None, help="wall-clock budget, e.g. 25m, 2h, 8h (--data DIR: 25m)")
+    pipeline.add_argument("--preset", default=None, help="icons: demo, small, ml6; --data DIR: a plan.json to run")
+    pipeline.add_argument("--clip", default=None, help="use this CLIP (run or weights) instead of training one")
+    pipeline.add_argument(
+        "--captions-from", default="txt", choices=("txt", "names"), help="txt: .txt files or the manifest's captions; "
+        "names: folder and file names (dogs/beagle_01.jpg -> 'beagle, dogs')",
+    )  # fmt: skip
+    pipeline.add_argument("--dry-run", action="store_true", help="print the data report and the plan; write nothing")
+    pipeline.add_argument("--plain", action="store_true", help="without regularisation or best weights (a baseline)")
+    pipeline.add_argument("--judge-clip", default=None, help="also score samples with this CLIP (comparing runs)")
+    pipeline.add_argument("--baseline", default=None, help="another run's OUT to compare with in the report")
     pipeline.add_argument("--data-dir", default="data", help="where built-in datasets are rendered")
     pipeline.add_argument("--fresh", action="store_true", help="start over instead of skipping finished stages")
     return parser

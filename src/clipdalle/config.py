@@ -26,6 +26,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run (not per epoch: streams have no fixed length)
     batch_size: int = 64  # samples per optimizer step per process (before gradient accumulation)
     grad_accum: int = 1  # micro-batches summed per optimizer step; effective batch = batch_size * grad_accum * world
+    epochs: float = 0.0  # above 0: sets steps to this many passes over the training split (counted at the start)
     lr: float = 3e-4  # peak learning rate after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     warmup_steps: int = 100  # linear warmup from 0; short runs on small data need it less
@@ -37,12 +38,17 @@ class TrainConfig:
     eval_every: int = 200  # steps between evaluations (validation metrics, sample grid)
     eval_batches: int = 4  # validation batches per evaluation
     save_every: int = 200  # steps between checkpoints (the run also saves at its last step)
+    keep_best: bool = True  # keep the weights of the lowest validation loss in RUN/best/, which loading prefers
+    early_stop: int = 0  # stop after this many evaluations in a row without a lower validation loss; 0 = never
+    max_seconds: float = 0.0  # stop (with a checkpoint) after this many seconds; the lr decay then ends by it too
     log_every: int = 10  # steps between training-metric rows in metrics.csv
     seed: int = 0  # seeds initialisation, data order, augmentation and sampling noise
     num_workers: int = 0  # data-loader processes per training process; 0 decodes between steps, which on few cores
     # beats a worker process fighting the compute threads for small images; raise it for big images
     crop_scale: float = 1.0  # random resized crop keeps at least this share of the area; 1 = no crop (CLIP: 0.8)
     max_shift: float = 0.0  # random translation as a share of the image side; never colour jitter (colour is content)
+    caption_templates: str = ""  # '|'-separated templates a training caption is put into at random ('{}' = the caption)
+    code_views: int = 1  # DALL·E: cached codes per training image, the centre crop + augmented views; one per epoch
     hard_negative_words: list[str] = field(default_factory=list)  # e.g. colours: some batches share one, so the
     # contrast must come from the rest of the captions (CLIP; data.loader.hard_negative_batches)
     hard_negative_share: float = 0.5  # share of the batches drawn from one hard_negative_words group

@@ -275,6 +275,37 @@ def cider_d(hypotheses: list[str], references: list[list[str]], max_n: int = 4, 
     return total / len(hypotheses)
 
 
+# ------------------------------------------------------------------------------------------ generated samples
+
+
+def within_prompt_diversity(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image features (P, n, D) of the n samples of each of P prompts -> (P,) their mean pairwise
+    cosine distance (1 - cosine over the n(n-1) ordered pairs): 0 when a prompt's samples are one image again and
+    again, larger the more they differ (CLIP image features of unrelated images are typically 0.3-0.8 apart)."""
+    if features.dim() != 3 or features.shape[1] < 2:
+        raise ValueError(f"within_prompt_diversity: expected features (P, n >= 2, D), got {tuple(features.shape)}")
+    n = features.shape[1]
+    features = features.double()
+    similarity = features @ features.transpose(1, 2)  # (P, n, n)
+    off_diagonal = similarity.sum((1, 2)) - similarity.diagonal(dim1=1, dim2=2).sum(1)  # (P,)
+    return 1 - off_diagonal / (n * (n - 1))
+
+
+def distinct_share(codes: torch.Tensor) -> torch.Tensor:
+    """Code grids (P, n, ...) of the n samples of each of P prompts -> (P,) the share of distinct grids among them
+    (1 / n when every sample is the same grid, 1 when all differ)."""
+    grids = codes.reshape(codes.shape[0], codes.shape[1], -1)  # (P, n, h*w)
+    return torch.tensor([len({tuple(row) for row in prompt.tolist()}) / grids.shape[1] for prompt in grids]).double()
+
+
+def copy_share(codes: torch.Tensor, training_codes: torch.Tensor) -> float:
+    """The share of code grids (M, ...) equal to one of the training images' grids (K, ...): samples that copy a
+    training image code for code."""
+    known = {bytes(row) for row in training_codes.reshape(len(training_codes), -1).to(torch.int16).numpy()}
+    rows = codes.reshape(len(codes), -1).to(torch.int16).numpy()
+    return sum(bytes(row) in known for row in rows) / max(1, len(rows))
+
+
 # ------------------------------------------------------------------------------------------ linear probe
 
 

@@ -48,6 +48,7 @@ def load(
     device: str | torch.device = "cpu",
     quick_gelu: bool | None = None,
     tokenizer: Any = None,
+    which: str = "best",
 ) -> tuple[CLIP, Any, Any]:
     """(model in eval mode, preprocess(image) -> (3, S, S), tokenizer) from a path or a model name.
 
@@ -57,11 +58,12 @@ def load(
     the weights; the activation cannot, so OpenAI and open_clip "-quickgelu" weights default to QuickGELU, Hugging
     Face to its hidden_act, and `quick_gelu=True/False` overrides. `tokenizer` is a tokenizer object, or a path to
     our tokenizer.json, OpenAI's merges file or a Hugging Face tokenizer directory; by default the one beside the
-    weights (or, for OpenAI weights on disk, the one shipped in an installed clip/open_clip package)."""
+    weights (or, for OpenAI weights on disk, the one shipped in an installed clip/open_clip package). For a run,
+    `which` picks its best weights (RUN/best/, when it kept them) or its last (see `checkpoint.load_model`)."""
     path, files = locate(source)
     if checkpoint.is_run(path):
         overrides = None if quick_gelu is None else {"activation": "quick_gelu" if quick_gelu else "gelu"}
-        model = checkpoint.load_model(path, expect="clip", overrides=overrides)
+        model = checkpoint.load_model(path, expect="clip", overrides=overrides, which=which)
         tokenizer_source = run_tokenizer(path, siglip=model.config.is_siglip)
         if tokenizer is None and tokenizer_source is None:
             raise ValueError(
@@ -115,15 +117,15 @@ def load_tokenizer(source: str | Path | None, siglip: bool = False) -> Any:
 
 
 def weights_sha256(source: str | Path) -> str:
-    """SHA-256 of the weights `load(source)` reads, which names the model in an index: RUN/model.safetensors of a
-    run, the file itself, the weights file(s) an open_clip or Hugging Face directory holds (`convert.weights_files`,
-    the very files read; several shards hash as the SHA-256 of their hashes), and as its cache records it for a model
-    name."""
+    """SHA-256 of the weights `load(source)` reads, which names the model in an index: a run's
+    (`checkpoint.weights_path`: RUN/best/ when the run kept one), the file itself, the weights file(s) an open_clip or
+    Hugging Face directory holds (`convert.weights_files`, the very files read; several shards hash as the SHA-256 of
+    their hashes), and as its cache records it for a model name."""
     path, files = locate(source)
     if files is not None:
         return files.sha256
     if checkpoint.is_run(path):
-        return file_sha256(path / checkpoint.WEIGHTS_FILE)
+        return file_sha256(checkpoint.weights_path(path))
     if not path.is_dir():
         return file_sha256(path)
     weights = weights_files(path)

@@ -18,8 +18,8 @@ from helpers import lock_held_by_another_process
 from clipdalle import checkpoint, cli
 from clipdalle.config import load_preset
 from clipdalle.data import icons
+from clipdalle.demo import icon_collection, pipeline
 from clipdalle.demo import jobs as pipeline_jobs
-from clipdalle.demo import pipeline
 
 STAGES = [
     "icon dataset",
@@ -163,14 +163,14 @@ def test_a_failing_process_stops_the_pipeline_with_its_one_line_error(tmp_path, 
 
 
 def test_pipeline_presets_compose_model_presets_that_fit_together(tmp_path):
-    demo = pipeline.pipeline_configs(load_preset("demo"), "demo")
+    demo = icon_collection.pipeline_configs(load_preset("demo"), "demo")
     assert demo["vae"][0].image_size == demo["clip"][0].image_size == 32
     assert demo["dalle"][0].image_vocab_size == demo["vae"][0].vocab_size
     assert set(load_preset("demo")["expected_s"]) == set(STAGES)
     assert sum(load_preset("demo")["expected_s"].values()) - load_preset("demo")["expected_s"]["icon dataset"] <= 1500
-    small = pipeline.pipeline_configs(load_preset("small"), "small")
+    small = icon_collection.pipeline_configs(load_preset("small"), "small")
     assert small["dalle"][1].steps > demo["dalle"][1].steps
-    ml6 = pipeline.pipeline_configs(load_preset("ml6"), "ml6")
+    ml6 = icon_collection.pipeline_configs(load_preset("ml6"), "ml6")
     vae, clip, dalle = ml6["vae"][0], ml6["clip"][0], ml6["dalle"][0]
     assert (vae.image_size, vae.vocab_size, dalle.text_length, clip.image_size) == (128, 512, 32, 128)
     assert all(train.device == "cuda" for _, train in ml6.values())
@@ -184,33 +184,33 @@ def test_pipeline_presets_compose_model_presets_that_fit_together(tmp_path):
 def test_pipeline_preset_errors_name_what_does_not_fit():
     spec = tiny_spec(clip_model={"image_size": 32})
     with pytest.raises(ValueError, match="clip image_size 32 differs from the icons' size 16"):
-        pipeline.pipeline_configs(spec, "p")
+        icon_collection.pipeline_configs(spec, "p")
     spec = {**tiny_spec(), "dalle": {"preset": "tiny", "model": {"grid_size": 8}}}
     with pytest.raises(ValueError, match="grid_size 8 must be the dVAE's vocab_size 16 and grid 4"):
-        pipeline.pipeline_configs(spec, "p")
+        icon_collection.pipeline_configs(spec, "p")
     with pytest.raises(ValueError, match="unknown section.*stages"):
-        pipeline.pipeline_configs({**tiny_spec(), "stages": []}, "p")
+        icon_collection.pipeline_configs({**tiny_spec(), "stages": []}, "p")
 
 
 def test_dalle_icons_follow_the_preset_rule():
     train = [name for name in icons.icon_names() if icons.split_of(name) == "train"]
-    common, rule = pipeline.dalle_icons(train, {"common_icons": 2})
+    common, rule = icon_collection.dalle_icons(train, {"common_icons": 2})
     assert common == icons.common_icons(train, 2) and f"the {len(common)} icons" in rule
-    drawn, rule = pipeline.dalle_icons(train, {"families": 3}, seed=1)
+    drawn, rule = icon_collection.dalle_icons(train, {"families": 3}, seed=1)
     assert len({icons.family_of(name) for name in drawn}) == 3 and "drawn at random (seed 1)" in rule
-    assert pipeline.dalle_icons(train, {})[0] == train
+    assert icon_collection.dalle_icons(train, {})[0] == train
     with pytest.raises(ValueError, match="common_icons: expected 1 to 5"):
-        pipeline.dalle_icons(train, {"common_icons": 0})
+        icon_collection.dalle_icons(train, {"common_icons": 0})
 
 
 def test_families_are_chosen_by_seed_and_eta_follows_measured_speed():
     names = ["account", "account-outline", "alarm", "bell", "bell-off", "camera", "dog"]
-    first = pipeline.choose_families(names, 3, seed=0)
-    assert first == pipeline.choose_families(list(reversed(names)), 3, seed=0) and len(first) == 3
+    first = icon_collection.choose_families(names, 3, seed=0)
+    assert first == icon_collection.choose_families(list(reversed(names)), 3, seed=0) and len(first) == 3
     assert set(first) <= {"account", "alarm", "bell", "camera", "dog"}
-    assert pipeline.choose_families(names, None) == ["account", "alarm", "bell", "camera", "dog"]
+    assert icon_collection.choose_families(names, None) == ["account", "alarm", "bell", "camera", "dog"]
     with pytest.raises(ValueError, match="got 0"):
-        pipeline.choose_families(names, 0)
+        icon_collection.choose_families(names, 0)
 
     expected = {"a": 100.0, "b": 200.0, "c": 300.0}
     assert pipeline.eta_seconds(expected, {}, ["b", "c"]) == 500.0

@@ -23,7 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 from helpers import BlockingJobs, make_shapes_folder, run, serving  # noqa: E402
 
-from clipdalle import convert, index, pretrained, sampling  # noqa: E402
+from clipdalle import checkpoint, convert, index, pretrained, sampling  # noqa: E402
 from clipdalle.serve import ServeSettings, create_app, generation_routes, load_models, search_routes  # noqa: E402
 from clipdalle.serve.limits import Busy, ClientGone, GenerationQueue, WorkLimiter  # noqa: E402
 from clipdalle.serve.openai_api import ImageStore  # noqa: E402
@@ -224,7 +224,7 @@ def test_an_index_records_the_hash_of_the_weights_it_loads(capsys, tiny_clip_run
     assert convert.weights_files(tmp_path / "hf") == [tmp_path / "hf" / "model.safetensors"]
     expected = hashlib.sha256((tmp_path / "hf" / "model.safetensors").read_bytes()).hexdigest()
     assert index.model_sha256(tmp_path / "hf") == expected
-    run_hash = hashlib.sha256((tiny_clip_run / "model.safetensors").read_bytes()).hexdigest()
+    run_hash = hashlib.sha256(checkpoint.weights_path(tiny_clip_run).read_bytes()).hexdigest()  # RUN/best/ first
     assert pretrained.weights_sha256(tiny_clip_run) == index.model_sha256(tiny_clip_run) == run_hash
 
 

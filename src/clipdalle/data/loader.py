@@ -42,10 +42,12 @@ class SampleStream(IterableDataset):
     dataset without a val/ folder splits the same way in every run. `infinite` streams run through epochs
     forever (training); finite ones end after one pass (evaluation, index building). `start_batch` skips the
     first batches of this rank's stream (resume). `keep_all_captions` gives every caption of a sample joined by
-    newlines instead of one drawn at random (for caching). With `hard_negative_words`, a share
-    `hard_negative_share` of the batches hold only samples whose captions contain the same one of those words
-    (`hard_negative_batches`): in such a batch that word tells no pair from another, so a contrastive model
-    must learn everything else the captions say (e.g. the colours of icons: the shapes)."""
+    newlines instead of one drawn at random (for caching). `caption_templates` puts each drawn caption into one of
+    them at random ("a picture of {}"). A token-cache record with several code views (V, h*w) gives one of them,
+    drawn per epoch. With `hard_negative_words`, a share `hard_negative_share` of the batches hold only samples whose
+    captions contain the same one of those words (`hard_negative_batches`): in such a batch that word tells no pair
+    from another, so a contrastive model must learn everything else the captions say (e.g. the colours of icons: the
+    shapes)."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class SampleStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         keep_all_captions: bool = False,
+        caption_templates: tuple[str, ...] = (),
         hard_negative_words: tuple[str, ...] = (),
         hard_negative_share: float = 0.5,
     ):
@@ -84,6 +87,7 @@ class SampleStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.keep_all_captions = keep_all_captions
+        self.caption_templates = tuple(caption_templates)
         if not 0.0 <= hard_negative_share <= 1.0:
             raise ValueError(f"hard_negative_share must be in [0, 1], got {hard_negative_share}")
         self.hard_negative_words = tuple(word.lower() for word in hard_negative_words)
@@ -169,7 +173,9 @@ class SampleStream(IterableDataset):
         for epoch, record in group:
             rng = random.Random(f"sample:{self.seed}:{epoch}:{record.key}")
             if record.codes is not None:
-                codes.append(torch.as_tensor(record.codes, dtype=torch.long))
+                views = record.codes  # (h*w,), or (V, h*w) for a cache of augmented views
+                row = views[rng.randrange(len(views))] if views.ndim == 2 else views
+                codes.append(torch.as_tensor(row, dtype=torch.long))
             else:
                 try:
                     images.append(self._image(record, rng))
@@ -180,7 +186,10 @@ class SampleStream(IterableDataset):
             if self.keep_all_captions:
                 captions.append("\n".join(record.captions))
             else:
-                captions.append(rng.choice(record.captions) if record.captions else "")
+                caption = rng.choice(record.captions) if record.captions else ""
+                if self.caption_templates and caption:
+                    caption = rng.choice(self.caption_templates).replace("{}", caption)
+                captions.append(caption)
         if skipped and self.infinite and keys:
             # Training keeps every batch full: DDP ranks must agree on batch sizes (CLIP gathers features
             # across them), so the samples of this batch stand in for the unreadable ones.

@@ -116,6 +116,10 @@ class Source(ABC):
         for unit in self.units:
             yield from self.records(unit)
 
+    def keys(self) -> Iterator[str]:
+        """Every sample's key in order (sources that list their files answer without reading them)."""
+        return (record.key for record in self)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self.units)} units)"
 
@@ -149,6 +153,9 @@ class FileSource(Source):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def keys(self) -> Iterator[str]:
+        return (entry.key for entry in self._entries)
 
     def records(self, unit: str) -> Iterator[Record]:
         self._check_unit(unit)
@@ -657,6 +664,29 @@ def open_labelled(path: str | Path) -> Source:
         raise ValueError(f"{location}: manifest lists no images")
     _warn_repeated(location, repeated)
     return FileSource(path, [_Entry(key, str(images[key]), label=labels[key]) for key in images])
+
+
+# ---------------------------------------------------------------------------------------------- names as captions
+
+
+def name_words(name: str) -> str:
+    """A file or folder name as words: separators (_ - . +) become spaces, runs of digits are dropped, lower case
+    ("beagle_01" -> "beagle", "Golden-Retriever" -> "golden retriever")."""
+    words = re.split(r"[\s_\-.+]+", re.sub(r"\d+", " ", name))
+    return " ".join(word.lower() for word in words if word)
+
+
+def name_caption(key: str) -> str:
+    """A caption from a sample's key (its path under the dataset's folder, without extension): the file name's words,
+    then each enclosing folder's, innermost first, repeats left out ("dogs/beagle_01" -> "beagle, dogs"). Empty when
+    no name holds a word ("IMG_0001" gives "img")."""
+    *folders, stem = key.split("/")
+    parts: list[str] = []
+    for part in [stem, *reversed(folders)]:
+        words = name_words(part)
+        if words and words not in parts:
+            parts.append(words)
+    return ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- splits

@@ -200,9 +200,12 @@ def train_job(
 
 
 def training_finished(run_dir: Path) -> bool:
-    """The run reached the last step of its own training config."""
+    """The run reached the last step of its own training config, or stopped before it (early stopping or its time
+    limit, which the pipeline sets from its budget)."""
     if not (run_dir / checkpoint.CONFIG_FILE).exists() or not (run_dir / checkpoint.TRAIN_STATE_FILE).exists():
         return False
+    if checkpoint.checkpoint_stopped(run_dir):
+        return True
     steps = checkpoint.read_config(run_dir).get("train", {}).get("steps")
     return steps is not None and checkpoint.checkpoint_step(run_dir) >= steps
 

@@ -3,7 +3,9 @@
     DIR/info.json            the dVAE's weights hash, the data it came from, counts per split (written last)
     DIR/{train,val}-NNNNN.npz  `codes` (N, h*w) int16, and the keys and captions (one per line) of the N samples
                              as UTF-8 bytes one after another, `keys_utf8` / `captions_utf8` (uint8), with
-                             `keys_ends` / `captions_ends` (N,) int64 where each sample's text ends
+                             `keys_ends` / `captions_ends` (N,) int64 where each sample's text ends; with views,
+                             training chunks also hold `views` (N, V - 1, h*w) int16: the codes of V - 1
+                             augmented crops of each image (random resized crop and shift, colours untouched)
 
 No pickles: every array is numeric, read with `allow_pickle=False`. Texts are stored by their length, not padded
 to the longest one (a fixed-width unicode array of 50,000 rows with one 200 kB caption would take 40 GB). A cache
@@ -21,8 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import WEIGHTS_FILE
-from ..data.loader import SampleStream, make_loader
+from ..checkpoint import weights_path
+from ..data.loader import Augment, SampleStream, make_loader
 from ..data.sources import Record, Source, open_source, resolve_splits
 from ..io import DirectoryLock, atomic_write, file_sha256, read_json, write_json
 
@@ -32,8 +34,9 @@ FORMAT_VERSION = 2  # 2: texts as UTF-8 bytes + end offsets (1 had fixed-width u
 
 
 def weights_sha256(run_dir: str | Path) -> str:
-    """The SHA-256 of a run's weights file: what a token cache and a DALL·E run record of their dVAE."""
-    return file_sha256(Path(run_dir) / WEIGHTS_FILE)
+    """The SHA-256 of the weights file loading reads (`checkpoint.weights_path`: RUN/best/ when the run kept one):
+    what a token cache and a DALL·E run record of their dVAE."""
+    return file_sha256(weights_path(run_dir))
 
 
 class CodeSource(Source):
@@ -50,6 +53,8 @@ class CodeSource(Source):
             keys = unpack_texts(arrays["keys_utf8"], arrays["keys_ends"])
             captions = unpack_texts(arrays["captions_utf8"], arrays["captions_ends"])
             codes = arrays["codes"]
+            if "views" in arrays.files:  # the centre crop first, then the augmented views: (N, V, h*w)
+                codes = np.concatenate([codes[:, None], arrays["views"]], axis=1)
         for key, caption_lines, row in zip(keys, captions, codes):
             captions_tuple = tuple(line for line in caption_lines.split("\n") if line)
             yield Record(key=key, name=f"{self.folder / unit}:{key}", captions=captions_tuple, codes=row)
@@ -70,7 +75,23 @@ def unpack_texts(data: np.ndarray, ends: np.ndarray) -> list[str]:
     return [raw[start:end].decode("utf-8") for start, end in zip(starts, ends.tolist())]
 
 
-def cache_is_current(folder: str | Path, vae_run: str | Path, data: str | Path) -> bool:
+def views_settings(views: int, augment: Augment | None) -> dict[str, Any]:
+    """What a cache records of its views: their count and the augmentation that made them."""
+    if views < 1:
+        raise ValueError(f"code views: expected at least 1 (the centre crop), got {views}")
+    if views > 1 and augment is None:
+        raise ValueError(
+            f"{views} code views need an augmentation (crop_scale below 1 or max_shift above 0); without one every "
+            "view would be the centre crop"
+        )
+    if views == 1:
+        return {"views": 1}
+    return {"views": views, "min_scale": augment.min_scale, "max_shift": augment.max_shift}
+
+
+def cache_is_current(
+    folder: str | Path, vae_run: str | Path, data: str | Path, views: int = 1, augment: Augment | None = None
+) -> bool:
     path = Path(folder) / INFO_FILE
     if not path.exists():
         return False
@@ -79,6 +100,7 @@ def cache_is_current(folder: str | Path, vae_run: str | Path, data: str | Path) 
         info.get("format_version") == FORMAT_VERSION
         and info.get("vae_sha256") == weights_sha256(vae_run)
         and info.get("data") == str(data)
+        and info.get("views", {"views": 1}) == views_settings(views, augment)
     )
 
 
@@ -109,11 +131,16 @@ def build_code_cache(
     batch_size: int = 256,
     num_workers: int = 1,
     device: str | torch.device = "cpu",
+    views: int = 1,
+    augment: Augment | None = None,
 ) -> dict[str, Any]:
     """Encodes every image of `data` (and its validation split, when it has one) into `folder`.
 
-    Images are centre-cropped (no augmentation: the codes are fixed once cached). Unreadable images are skipped
-    and counted. One build per folder at a time (FOLDER/.lock). Returns the info written to info.json."""
+    Images are centre-cropped; with `views` > 1 each training image is also encoded as `views - 1` crops drawn by
+    `augment` (view v seeded by v, so the same views every build), which DALL·E training draws from, one per epoch.
+    Validation images are only centre-cropped. Unreadable images are skipped and counted. One build per folder at a
+    time (FOLDER/.lock). Returns the info written to info.json."""
+    settings = views_settings(views, augment)
     folder = Path(folder)
     with DirectoryLock(folder, "build a token cache"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -126,22 +153,36 @@ def build_code_cache(
         skipped = 0
         vae = vae.to(device).eval()
         for split, path in splits.items():
-            stream = SampleStream(
-                open_source(path, captions="required"),
-                image_size=vae.config.image_size,
-                batch_size=batch_size,
-                shuffle=False,
-                infinite=False,
-                keep_all_captions=True,
-            )
+            source = open_source(path, captions="required")
+            split_views = views if split == "train" else 1
+
+            def view_stream(view: int, source: Source = source) -> SampleStream:
+                return SampleStream(
+                    source,
+                    image_size=vae.config.image_size,
+                    batch_size=batch_size,
+                    seed=view,
+                    augment=augment if view > 0 else None,
+                    shuffle=False,
+                    infinite=False,
+                    keep_all_captions=True,
+                )
+
             writer = ChunkWriter(folder, split)
             counts[split] = 0
-            for batch in tqdm(make_loader(stream, num_workers), desc=f"encoding {split} images", unit="batch"):
+            loaders = [make_loader(view_stream(view), num_workers) for view in range(split_views)]
+            for batch, *other_views in tqdm(zip(*loaders), desc=f"encoding {split} images", unit="batch"):
                 skipped += batch["skipped"]
                 if not batch["keys"]:
                     continue
                 batch_codes = vae.encode(batch["images"].to(device)).flatten(1)  # (B, h*w)
-                writer.add(batch["keys"], batch["captions"], batch_codes.to(torch.int16).cpu().numpy())
+                extra = None
+                if other_views:  # the same images in the same order, each cropped its own way
+                    extra = torch.stack(
+                        [vae.encode(view["images"].to(device)).flatten(1) for view in other_views], 1
+                    )  # (B, V-1, h*w)
+                    extra = extra.to(torch.int16).cpu().numpy()
+                writer.add(batch["keys"], batch["captions"], batch_codes.to(torch.int16).cpu().numpy(), extra)
                 counts[split] += len(batch["keys"])
             writer.flush()
             if counts[split] == 0:
@@ -155,6 +196,7 @@ def build_code_cache(
             "counts": counts,
             "skipped_images": skipped,
             "holdout": val_path is None,
+            "views": settings,
         }
         write_json(folder / INFO_FILE, info)
         return info
@@ -168,11 +210,14 @@ class ChunkWriter:
         self.keys: list[str] = []
         self.captions: list[str] = []
         self.codes: list[np.ndarray] = []
+        self.views: list[np.ndarray] = []
 
-    def add(self, keys: list[str], captions: list[str], codes: np.ndarray) -> None:
+    def add(self, keys: list[str], captions: list[str], codes: np.ndarray, views: np.ndarray | None = None) -> None:
         self.keys += keys
         self.captions += captions
         self.codes.append(codes)
+        if views is not None:
+            self.views.append(views)
         if len(self.keys) >= CHUNK_SIZE:
             self.flush()
 
@@ -188,6 +233,8 @@ class ChunkWriter:
             "captions_ends": captions_ends,
             "codes": np.concatenate(self.codes),
         }
+        if self.views:
+            arrays["views"] = np.concatenate(self.views)  # (N, V-1, h*w)
 
         def save(path: Path) -> None:
             with open(path, "wb") as handle:
@@ -195,4 +242,4 @@ class ChunkWriter:
 
         atomic_write(self.folder / f"{self.split}-{self.chunk:05d}.npz", save)
         self.chunk += 1
-        self.keys, self.captions, self.codes = [], [], []
+        self.keys, self.captions, self.codes, self.views = [], [], [], []

@@ -4,6 +4,10 @@ Runs unchanged in one process or under `torchrun --nproc_per_node N` (gloo on CP
 and saves, every rank reads its own share of the data. A run is resumable at every checkpoint, bit for bit:
 random state is re-seeded from (seed, step, rank) at each step and the data stream restarts at the batch
 where the checkpoint left it, so a killed-and-resumed run ends with the same weights as an uninterrupted one.
+
+Each evaluation that lowers the validation loss writes RUN/best/ (`checkpoint.save_best`), which loading prefers;
+`config.early_stop` evaluations in a row without a lower loss end the run, and so does `config.max_seconds` of
+training; either way the run ends with a checkpoint that records why (`checkpoint.checkpoint_stopped`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def schedule_step(step: int, config: TrainConfig, elapsed: float) -> float:
+    """The step the schedules (learning rate, loss schedules) are at: `step`, or further on when a time limit is set
+    and the run is slower than its steps (elapsed / max_seconds of the way), so a run stopped by its time limit has
+    finished its decay. Steps alone decide without a time limit (a resumed run then replays exactly)."""
+    if config.max_seconds <= 0:
+        return float(step)
+    return max(float(step), min(1.0, elapsed / config.max_seconds) * config.steps)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices only; gains, biases, embeddings and scales are left alone."""
     embedding_params = {
@@ -61,6 +75,26 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
         else:
             decay.append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class BestLoss:
+    """The lowest validation loss so far, its step, and the evaluations since (early stopping's patience count)."""
+
+    loss: float = math.inf
+    step: int = 0
+    evaluations_since: int = 0
+
+    def update(self, loss: float | None, step: int) -> bool:
+        """Records an evaluation's loss; True when it is a new lowest one (a NaN or missing loss never is)."""
+        if loss is not None and math.isfinite(loss) and loss < self.loss:
+            self.loss, self.step, self.evaluations_since = float(loss), step, 0
+            return True
+        self.evaluations_since += 1
+        return False
+
+    def patience_spent(self, patience: int) -> bool:
+        return patience > 0 and self.evaluations_since >= patience
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -187,6 +221,7 @@ def _train(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, skipped_steps, skipped_in_a_row = 0, 0, 0
+    best = BestLoss()
     if resume:
         checkpoint.recover(run_dir) if is_main else None
         barrier()
@@ -196,6 +231,7 @@ def _train(
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         skipped_steps = int(state.get("skipped_steps", 0))
+        best = BestLoss(**state.get("best", {}))
         if state.get("world_size", world) != world:
             print(
                 f"warning: {run_dir} was trained with {state['world_size']} process(es), resuming with {world}: "
@@ -222,9 +258,39 @@ def _train(
     items_since, time_since = 0, time.perf_counter()
     running: dict[str, float] = {}  # summed metrics of the good steps since the last log row
     good_since = 0  # steps in `running`
+    started = time.perf_counter()
+    stopped: str | None = None  # "early_stop" or "time_limit" once the run ends before its last step
+
+    def save(step: int) -> None:
+        if is_main:
+            train_state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "data_position": step * config.grad_accum,
+                "world_size": world,
+                "skipped_steps": skipped_steps,
+                "best": vars(best),
+                "stopped": stopped,
+            }
+            checkpoint.save_checkpoint(run_dir, raw_model, train_state)
+            checkpoint.save_config(run_dir, raw_model, config)
+        barrier()
+
+    if resume and best.patience_spent(config.early_stop) and step < config.steps:
+        if is_main:
+            print(
+                f"{run_dir}: stopped early at step {step} (no lower validation loss in {best.evaluations_since} "
+                f"evaluations, the best {best.loss:.4g} at step {best.step}); nothing to resume",
+                file=sys.stderr,
+            )
+        step = config.steps  # the loop below does not run; the run is left as it was
 
     while step < config.steps:
-        lr = lr_at(step, config)
+        at = step
+        if config.max_seconds > 0:  # every rank follows rank 0's clock
+            at = schedule_step(step, config, rank_zero_value(time.perf_counter() - started, device))
+        lr = lr_at(int(at), config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         seed_step(config.seed, step, rank)
@@ -241,7 +307,7 @@ def _train(
             items_since += len(batch[items_key])
             sync = world == 1 or micro_step == config.grad_accum - 1
             with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
-                loss, metrics = loss_fn(model, batch, step / config.steps)
+                loss, metrics = loss_fn(model, batch, at / config.steps)
                 scaler.scale(loss / config.grad_accum).backward()
             finite = finite and math.isfinite(float(loss.detach()))
             for name, value in metrics.items():
@@ -302,24 +368,33 @@ def _train(
                     if grid is not None:
                         save_image(grid.float().cpu(), run_dir / "samples" / f"step_{step:06d}.png")
                     summary = ", ".join(f"{name} {value:.4g}" for name, value in val_metrics.items())
+                    if best.update(val_metrics.get("loss"), step):
+                        summary += " (best so far)"
+                        if config.keep_best:
+                            checkpoint.save_best(run_dir, raw_model, config, step, best.loss)
                     progress_bar.write(f"step {step}: {summary}")
             if is_main:
                 log.plot()
+            patience_spent = is_main and best.patience_spent(config.early_stop)
+            if config.early_stop > 0 and rank_zero_says(patience_spent, device) and step < config.steps:
+                stopped = "early_stop"
+                if is_main:
+                    progress_bar.write(
+                        f"stopped early at step {step}: no lower validation loss in {config.early_stop} evaluations "
+                        f"(the best, {best.loss:.4g}, at step {best.step})"
+                    )
             barrier()
 
-        if step % config.save_every == 0 or step == config.steps:
-            if is_main:
-                train_state = {
-                    "step": step,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "data_position": step * config.grad_accum,
-                    "world_size": world,
-                    "skipped_steps": skipped_steps,
-                }
-                checkpoint.save_checkpoint(run_dir, raw_model, train_state)
-                checkpoint.save_config(run_dir, raw_model, config)
-            barrier()
+        if config.max_seconds > 0 and stopped is None and step < config.steps:
+            too_long = time.perf_counter() - started >= config.max_seconds
+            if rank_zero_says(is_main and too_long, device):
+                stopped = "time_limit"
+                if is_main:
+                    progress_bar.write(f"stopped at step {step} of {config.steps}: time limit {config.max_seconds:g} s")
+        if step % config.save_every == 0 or step == config.steps or stopped:
+            save(step)
+        if stopped:
+            break
 
     progress_bar.close()
     if is_main and skipped_total:
@@ -330,6 +405,20 @@ def _train(
     if dist.is_initialized():
         dist.destroy_process_group()
     return raw_model
+
+
+def rank_zero_says(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (one broadcast under torch.distributed; the flag itself otherwise)."""
+    return rank_zero_value(1.0 if flag else 0.0, device) == 1.0
+
+
+def rank_zero_value(number: float, device: torch.device) -> float:
+    """Rank 0's `number` on every rank (one broadcast under torch.distributed; the number itself otherwise)."""
+    if not dist.is_initialized():
+        return number
+    value = torch.tensor([float(number)], dtype=torch.float64, device=device)
+    dist.broadcast(value, src=0)
+    return float(value.item())
 
 
 def gradients_are_finite(model: torch.nn.Module) -> bool:

@@ -9,6 +9,7 @@ validation pictures handed to the one training loop (training.loop.train).
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +21,7 @@ import torch
 from .. import checkpoint, evaluate, sampling
 from ..config import TrainConfig, replace
 from ..data.loader import Augment, SampleStream, batches, make_loader
-from ..data.sources import is_validation, open_mixture, open_source, resolve_splits
+from ..data.sources import Source, is_validation, open_mixture, open_source, resolve_splits
 from ..io import DirectoryLock
 from ..models import CLIP, DALLE, Captioner, DiscreteVAE
 from ..pretrained import load, load_tokenizer, run_tokenizer
@@ -29,6 +30,7 @@ from ..runtime import barrier, distributed_context, init_distributed, resolve_de
 from ..tokenizers import CaptionTokenizer
 from ..tokenizers.caption import MIN_VOCAB_SIZE
 from ..transforms import make_grid
+from ..zero_shot import check_templates
 from . import objectives
 from .codes import build_code_cache, cache_is_current, open_code_cache, weights_sha256
 from .loop import train
@@ -47,11 +49,9 @@ def data_streams(
 
     A directory with train/ and val/ uses them; else `val_data`; else a stable hash of each sample's key holds
     out `config.val_fraction` of the data. `extra_data` ("PATH" or "PATH:REPEATS" each) is mixed into the training
-    data only (`data.sources.open_mixture`)."""
-    augment = None
-    if config.crop_scale < 1.0 or config.max_shift > 0.0:
-        augment = Augment(min_scale=config.crop_scale, max_shift=config.max_shift)
-
+    data only (`data.sources.open_mixture`). Training captions go through `config.caption_templates`; validation
+    captions never do, so validation losses compare across runs with and without them."""
+    augment = image_augment(config)
     rank, world, local_rank = distributed_context()
     train_path, val_path = resolve_splits(data, val_data)
     train_source = open_mixture(train_path, list(extra_data), captions=captions)
@@ -73,6 +73,7 @@ def data_streams(
             start_batch=start_batch,
             rank=rank,
             world_size=world,
+            caption_templates=caption_templates(config) if captions != "none" else (),
             hard_negative_words=tuple(config.hard_negative_words),
             hard_negative_share=config.hard_negative_share,
         )
@@ -94,6 +95,47 @@ def data_streams(
     return batches(train_stream, config.num_workers, pin_memory), val_batches
 
 
+def image_augment(config: TrainConfig) -> Augment | None:
+    """The random crop and shift of `config` (None when it asks for neither)."""
+    if config.crop_scale < 1.0 or config.max_shift > 0.0:
+        return Augment(min_scale=config.crop_scale, max_shift=config.max_shift)
+    return None
+
+
+def caption_templates(config: TrainConfig) -> tuple[str, ...]:
+    """`config.caption_templates` ("{}|a picture of {}") as a tuple, each checked to hold one {} for the caption."""
+    templates = tuple(template for template in config.caption_templates.split("|") if template.strip())
+    check_templates(list(templates))
+    return templates
+
+
+def training_split(
+    data: str | Path, val_data: str | Path | None = None, extra_data: list[str] | tuple[str, ...] = ()
+) -> tuple[Source, str | None]:
+    """(the source training reads, "train" when a hash hold-out splits it or None), as `data_streams` splits: with
+    `extra_data`, the mixture, so that an epoch is a pass over everything the training stream reads."""
+    train_path, val_path = resolve_splits(data, val_data)
+    return open_mixture(train_path, list(extra_data), captions="none"), None if val_path is not None else "train"
+
+
+def with_epochs(config: TrainConfig, source: Source, holdout: str | None) -> TrainConfig:
+    """`config` with `steps` set from `epochs` (when above 0): epochs x the training samples of `source` (those
+    `holdout="train"` keeps, or all) / the samples of one optimizer step (batch x accumulation x processes)."""
+    if config.epochs <= 0:
+        return config
+    samples = sum(1 for key in source.keys() if holdout is None or not is_validation(key, config.val_fraction))
+    if samples == 0:
+        raise ValueError(f"{source.path}: no training samples to count epochs over")
+    per_step = config.batch_size * config.grad_accum * distributed_context()[1]
+    steps = max(1, math.ceil(config.epochs * samples / per_step))
+    if distributed_context()[0] == 0:
+        print(
+            f"{config.epochs:g} epochs of {samples} training samples at {per_step} per step: {steps} steps",
+            file=sys.stderr,
+        )
+    return replace(config, steps=steps)
+
+
 def train_vae(
     data: str | Path,
     out: str | Path,
@@ -106,6 +148,7 @@ def train_vae(
 ) -> torch.nn.Module:
     """Trains the discrete VAE (images only: caption files are never opened) into the run directory `out`;
     `extra_data` is mixed into the training data (`data_streams`)."""
+    config = with_epochs(config, *training_split(data, val_data, extra_data))
     train_batches, val_batches = data_streams(
         data, config, model_config.image_size, val_data=val_data, captions="none", extra_data=extra_data
     )
@@ -209,6 +252,7 @@ def train_clip(
         metrics["zero_shot_accuracy"] = evaluate.caption_zero_shot_accuracy(model, batches_, tokenizer)
         return metrics, evaluate.clip_picture(model, batches_)
 
+    config = with_epochs(config, *training_split(data, val_data, extra_data))
     train_batches, val_batches = data_streams(
         data, config, model.config.image_size, val_data=val_data, extra_data=extra_data
     )
@@ -224,12 +268,14 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
 
 class CodeData(NamedTuple):
     """What a model trained on a token cache needs: the run's dVAE, its caption tokenizer, the model config with
-    the dVAE's sizes, the batch functions for `train` (batches carry "codes" and captions) and `with_text`, which
-    adds a batch's token ids as "text" (B, text_length)."""
+    the dVAE's sizes, the train config (steps set from `epochs` over the cached codes), the batch functions for
+    `train` (batches carry "codes" and captions) and `with_text`, which adds a batch's token ids as "text"
+    (B, text_length)."""
 
     vae: torch.nn.Module
     tokenizer: Any
     model_config: Any
+    config: TrainConfig
     train_batches: Iterator[dict]
     val_batches: Callable[[], Iterable[dict]]
     with_text: Callable[[dict], dict]
@@ -276,15 +322,22 @@ def prepare_codes(
     tokenizer = prepare_tokenizer(out, data, model_config.text_vocab_size, tokenizer_path, resume)
 
     tokens = Path(tokens) if tokens is not None else out / "tokens"
-    if rank == 0 and not cache_is_current(tokens, vae_dir, data):
-        build_code_cache(vae, vae_dir, data, tokens, val_data=val_data, num_workers=config.num_workers, device=device)
+    augment = image_augment(config) if config.code_views > 1 else None
+    if rank == 0 and not cache_is_current(tokens, vae_dir, data, config.code_views, augment):
+        build_code_cache(
+            vae, vae_dir, data, tokens, val_data=val_data, num_workers=config.num_workers, device=device,
+            views=config.code_views, augment=augment,
+        )  # fmt: skip
     barrier()
     train_source = open_code_cache(tokens, "train")
     has_val = (tokens / "val-00000.npz").exists()
+    config = with_epochs(config, train_source, None if has_val else "train")
     if rank == 0:  # what the model knows, for prompt suggestions and the unseen-prompt notice
         trained = (record for record in train_source if has_val or not is_validation(record.key, config.val_fraction))
         write_training_prompts(out, (caption for record in trained for caption in record.captions))
     val_source = open_code_cache(tokens, "val") if has_val else train_source
+
+    templates = caption_templates(config)
 
     def train_stream(start_batch: int) -> SampleStream:
         return SampleStream(
@@ -297,6 +350,7 @@ def prepare_codes(
             start_batch=start_batch,
             rank=rank,
             world_size=world,
+            caption_templates=templates,
         )
 
     def val_batches() -> Iterable[dict]:
@@ -320,7 +374,7 @@ def prepare_codes(
         return batch
 
     train_batches = batches(train_stream, config.num_workers, pin_memory=device.type == "cuda")
-    return CodeData(vae, tokenizer, model_config, train_batches, val_batches, with_text)
+    return CodeData(vae, tokenizer, model_config, config, train_batches, val_batches, with_text)
 
 
 def train_dalle(
@@ -339,7 +393,7 @@ def train_dalle(
     each evaluation reports validation loss in bits per image token and writes samples for fixed validation
     captions."""
     out = Path(out)
-    vae, tokenizer, model_config, train_batches, val_batches, with_text = prepare_codes(
+    vae, tokenizer, model_config, config, train_batches, val_batches, with_text = prepare_codes(
         data, out, model_config, config, vae_run=vae_run, tokenizer_path=tokenizer_path, tokens=tokens,
         val_data=val_data, resume=resume,
     )  # fmt: skip
@@ -376,7 +430,7 @@ def train_captioner(
     encoded once by the dVAE in `vae_run` (see `prepare_codes`); each evaluation reports the validation caption
     loss (nats per token) and its perplexity."""
     out = Path(out)
-    _, _, model_config, train_batches, val_batches, with_text = prepare_codes(
+    _, _, model_config, config, train_batches, val_batches, with_text = prepare_codes(
         data, out, model_config, config, vae_run=vae_run, tokenizer_path=tokenizer_path, tokens=tokens,
         val_data=val_data, resume=resume,
     )  # fmt: skip
