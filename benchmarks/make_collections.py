@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from clipdalle.data.icons import PALETTE, captions_for, colourise
+from clipdalle.data.icons import PALETTE, captions_for, colourise, glyph_masks
 
 FA6_FONT = "fontawesome6-solid-webfont-6.7.2.ttf"
 FA6_CHARMAP = "fontawesome6-solid-webfont-charmap-6.7.2.json"
@@ -43,31 +43,11 @@ def qtawesome_fonts() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "fonts"
 
 
-def glyph_masks(font_path: Path, characters: list[str], size: int, factor: int = 4) -> np.ndarray:
-    """Coverage uint8 (N, size, size) of each character, centred by its ink box, drawn at `factor` x and box-filtered
-    (as the built-in icons are)."""
-    big = size * factor
-    font = ImageFont.truetype(str(font_path), size=round(0.9 * big))
-    masks = np.zeros((len(characters), size, size), dtype=np.uint8)
-    for index, character in enumerate(characters):
-        canvas = Image.new("L", (2 * big, 2 * big), 0)
-        ImageDraw.Draw(canvas).text((big // 2, big // 2), character, fill=255, font=font)
-        box = canvas.getbbox()
-        if box is None:
-            continue
-        left = round((box[0] + box[2]) / 2 - big / 2)
-        top = round((box[1] + box[3]) / 2 - big / 2)
-        glyph = np.asarray(canvas.crop((left, top, left + big, top + big)), dtype=np.uint16)
-        blocks = glyph.reshape(size, factor, size, factor).sum(axis=(1, 3))
-        masks[index] = (blocks + factor * factor // 2) // (factor * factor)
-    return masks
-
-
 def make_fa6(out: Path, size: int = 32, colours_per_icon: int = 2, seed: int = 0) -> int:
     fonts = qtawesome_fonts()
     charmap = json.loads((fonts / FA6_CHARMAP).read_text())
     names = sorted(charmap)
-    masks = glyph_masks(fonts / FA6_FONT, [chr(int(charmap[name], 16)) for name in names], size)
+    masks = glyph_masks(fonts / FA6_FONT, [chr(int(charmap[name], 16)) for name in names], size, em_fraction=0.9)
     rng = np.random.default_rng(seed)
     palette = list(PALETTE)
     out.mkdir(parents=True, exist_ok=True)

@@ -283,6 +283,24 @@ def raw_request(port: int, head: str, body: bytes = b"") -> socket.socket:
     return connection
 
 
+def read_reply(connection: socket.socket) -> str:
+    """The whole reply: headers and as many body bytes as Content-Length says (they may come in several packets)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(4096)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lengths = [line.split(b":", 1)[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+    while lengths and len(body) < int(lengths[0]):
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_a_generation_whose_client_disconnects_is_stopped(live_server, monkeypatch):
     port = live_server
     seen = {}
@@ -313,7 +331,7 @@ def test_a_stalled_body_gets_408(live_server):
     port = live_server
     head = "POST /api/generate HTTP/1.1\nHost: localhost\nContent-Type: application/json\nContent-Length: 100"
     connection = raw_request(port, head, b'{"prompt": ')  # and then nothing
-    reply = connection.recv(4096).decode()
+    reply = read_reply(connection)
     connection.close()
     assert reply.startswith("HTTP/1.1 408") and "stalled" in reply
 

@@ -204,20 +204,28 @@ def _supersample(size: int) -> int:
 
 def render_masks(names: list[str], size: int) -> np.ndarray:
     """Glyph coverage, uint8 (N, size, size), 255 = ink: each glyph at the common scale, centred by its ink box."""
-    from PIL import Image, ImageDraw, ImageFont
-
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"icon size must be an integer of at least 8 pixels, got {size!r}")
     names = _check_names(names)
     charmap = _charmap()
+    return glyph_masks(font_folder() / FONT_FILE, [chr(charmap[name]) for name in names], size)
+
+
+def glyph_masks(
+    font_path: str | Path, characters: list[str], size: int, em_fraction: float = EM_FRACTION
+) -> np.ndarray:
+    """Coverage uint8 (N, size, size) of each character of a font, 255 = ink: drawn at `em_fraction` of the image
+    and `_supersample(size)` times larger, centred by its ink box and box-filtered down (an empty glyph is all 0)."""
+    from PIL import Image, ImageDraw, ImageFont
+
     factor = _supersample(size)
     big = size * factor
-    font = ImageFont.truetype(str(font_folder() / FONT_FILE), size=round(EM_FRACTION * big))
+    font = ImageFont.truetype(str(font_path), size=round(em_fraction * big))
     canvas_size = 2 * big  # room for any glyph drawn at (big/2, big/2), so its ink box is never clipped
-    masks = np.zeros((len(names), size, size), dtype=np.uint8)
-    for index, name in enumerate(names):
+    masks = np.zeros((len(characters), size, size), dtype=np.uint8)
+    for index, character in enumerate(characters):
         canvas = Image.new("L", (canvas_size, canvas_size), 0)
-        ImageDraw.Draw(canvas).text((big // 2, big // 2), chr(charmap[name]), fill=255, font=font)
+        ImageDraw.Draw(canvas).text((big // 2, big // 2), character, fill=255, font=font)
         box = canvas.getbbox()
         if box is None:
             continue
