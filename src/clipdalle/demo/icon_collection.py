@@ -8,8 +8,8 @@ families DALL·E trains on, the evaluation sizes and the expected time of each s
     CLIP data         the icon dataset, plus DALL·E's icons `oversample_dalle_icons` times an epoch when the clip
                       section sets it (`--extra-data DALLE_DATA:R`: the icons whose samples the CLIP reranks)
     dVAE evaluation   PSNR and the colour judge (the reconstruction's dominant colour is the icon's)
-    DALL·E data       the chosen train families + all validation icons (DATA/icons-32px-8c-HASH), their dVAE codes
-                      (OUT/dalle/tokens) and OUT/dalle/subset.json
+    DALL·E data       the preset's training icons (common_icons or families) + all validation icons
+                      (DATA/icons-32px-8c-HASH), their dVAE codes (OUT/dalle/tokens) and OUT/dalle/subset.json
     index             the validation icons
     evaluation        demo/evaluation.py (icon judges, quality bar); report: demo/report.py
 
