@@ -120,6 +120,26 @@ def test_the_whole_pipeline_on_a_tiny_folder(capsys, shapes, tmp_path):
     page = collection_report.render_report(out, baseline=str(out))  # a run against itself: no clear difference
     assert "Against the baseline" in page and "no clear difference" in page and ">better<" not in page
 
+    # --clip: an existing CLIP reranks and indexes; no CLIP is trained
+    reused = tmp_path / "reused"
+    argv = [
+        "pipeline",
+        "--data",
+        str(shapes),
+        "--out",
+        str(reused),
+        "--preset",
+        str(plan_path),
+        "--clip",
+        str(out / "clip"),
+    ]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert not (reused / "clip" / checkpoint.WEIGHTS_FILE).exists() and (reused / "vae" / "best").is_dir()
+    metrics = json.loads((reused / "eval.json").read_text())
+    assert metrics["settings"]["clip"] == str(out / "clip")
+    assert json.loads((reused / "index" / "info.json").read_text())["count"] >= 16
+
 
 def test_diversity_and_copies_are_measured_per_prompt():
     features = torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1)

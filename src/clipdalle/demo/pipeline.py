@@ -245,6 +245,8 @@ def run_collection(
         print(format_report(inspected[0]), file=sys.stderr)
         if preset is not None:
             spec = load_preset(preset)
+            if clip is not None:  # the plan's CLIP section gives way to the CLIP named here
+                spec["clip"] = {"existing": str(clip)}
             plan_configs(spec, preset)
             spec = without_regularisation(spec) if plain and spec.get("regularise", True) else spec
         else:
