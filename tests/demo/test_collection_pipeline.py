@@ -77,7 +77,8 @@ def test_captions_from_names_and_a_captionless_folder_is_a_one_line_error(capsys
 
 def test_dry_run_prints_the_report_and_the_plan_and_writes_nothing(capsys, shapes, tmp_path):
     out = tmp_path / "out"
-    code, _, err = run(capsys, "pipeline", "--data", str(shapes), "--out", str(out), "--dry-run", "--budget", "5m")
+    base = ["pipeline", "--data", str(shapes), "--out", str(out), "--dry-run", "--budget", "5m"]
+    code, _, err = run(capsys, *base)
     assert code == 0, err
     assert "data: " in err and "48 readable" in err and "plan: planned for" in err and "expected:" in err
     assert f"dry run: nothing written; the pipeline writes this plan to {out / 'plan.json'}" in err
@@ -88,6 +89,10 @@ def test_dry_run_prints_the_report_and_the_plan_and_writes_nothing(capsys, shape
     assert_one_line_error(code, err, "give --out DIR")
     code, _, err = run(capsys, "pipeline", "--clip", "runs/clip", "--dry-run")
     assert_one_line_error(code, err, "--clip applies to a collection of your own")
+    code, _, err = run(capsys, *base, "--clip", "ViT-B/32")  # a model name is planned for, nothing fetched on a dry run
+    assert code == 0 and "the existing CLIP ViT-B/32" in err, err
+    code, _, err = run(capsys, *base, "--clip", str(tmp_path / "nowhere"))
+    assert_one_line_error(code, err, "nor a model name")
 
 
 def test_the_whole_pipeline_on_a_tiny_folder(capsys, shapes, tmp_path):

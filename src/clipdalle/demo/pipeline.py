@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .. import hub
 from ..index import build_index
 from ..io import LOCK_FILE, DirectoryLock, read_json, write_json
 from ..runtime import resolve_device
@@ -236,7 +237,9 @@ def run_collection(
         raise ValueError(
             "give --budget (the planner sizes the run) or --preset PLAN.json (a plan as written), not both"
         )
-    for flag, path in (("--clip", clip), ("--judge-clip", judge), ("--baseline", baseline)):
+    if clip is not None and not Path(clip).exists() and hub.kind_of(str(clip)) is None:
+        raise FileNotFoundError(f"--clip {clip}: no such file or directory, nor a model name (clipdalle models list)")
+    for flag, path in (("--judge-clip", judge), ("--baseline", baseline)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path}: no such file or directory")
 
