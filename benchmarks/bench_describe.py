@@ -264,51 +264,65 @@ def measure_duplicates(args: argparse.Namespace) -> dict:
                 data, suffix = make_copy(found["pngs"][number], kind)
                 (folder / f"{number:05d}-{kind}{suffix}").write_bytes(data)
         index_module.build_index(args.clip, folder, work / "index", num_workers=0)
+
+    def point(pairs: np.ndarray, threshold: float) -> dict:
+        """Copies found, pair precision and the rest for the pairs (P, 2) one threshold keeps."""
+        kept = {tuple(pair) for pair in pairs.tolist()}
+        found_true = kept & true_pairs
+        copy_found = [pair in kept for pair in copy_pairs]
+        groups = duplicates.group_pairs(np.array(sorted(kept), dtype=np.int64).reshape(-1, 2))
+        grouped_pairs = {(min(a, b), max(a, b)) for group in groups for a in group for b in group if a < b}
+        result = {
+            "threshold": threshold,
+            "pairs": len(kept),
+            "pair_precision": len(found_true) / max(1, len(kept)),
+            "pair_recall": len(found_true) / len(true_pairs),
+            "copies_found": float(np.mean(copy_found)),
+            "copies_found_by_kind": {
+                kind: float(np.mean([hit for c, hit in zip(copy_pairs.values(), copy_found) if kind_of[c] == kind]))
+                for kind in COPY_KINDS
+            },
+            "false_pairs_same_family_and_colour": sum(family[a] == family[b] for a, b in kept - true_pairs),
+            "false_pairs_same_icon_other_colour": sum(
+                names[a] == names[b] and family[a] != family[b] for a, b in kept - true_pairs
+            ),
+            "pair_precision_recolours_aside": len(found_true)
+            / max(1, len(kept) - sum(names[a] == names[b] for a, b in kept - true_pairs)),
+            "group_precision": len(grouped_pairs & true_pairs) / max(1, len(grouped_pairs)),
+            "group_recall": len(grouped_pairs & true_pairs) / len(true_pairs),
+        }
+        print(json.dumps(result), flush=True)
+        return result
+
     with index_module.Index.open(work / "index") as opened:
         ids, embeddings = opened.embeddings()
         rows = opened.rows(ids.tolist())
         source_of = {i: int(Path(rows[i]["path"]).stem.split("-")[0]) for i in ids.tolist()}
         kind_of = {i: (Path(rows[i]["path"]).stem.split("-") + ["original"])[1] for i in ids.tolist()}
         family = {i: (icons.family_of(found["names"][source_of[i]]), found["colours"][source_of[i]]) for i in source_of}
+        names = {i: found["names"][source_of[i]] for i in source_of}
         copies = [i for i in ids.tolist() if kind_of[i] != "original"]
         original_of = {source_of[i]: i for i in ids.tolist() if kind_of[i] == "original"}
         true_pairs: set[tuple[int, int]] = set()  # every two stored images made from one source icon
         for source in {source_of[i] for i in copies}:
             group = [i for i in ids.tolist() if source_of[i] == source]
             true_pairs |= {(min(a, b), max(a, b)) for a in group for b in group if a < b}
-        curve = []
-        lowest = min(args.thresholds)
-        pairs, scores = duplicates.pairs_above(opened.faiss_index, ids, embeddings, lowest)
-        for threshold in args.thresholds:
-            kept = {tuple(pair) for pair, score in zip(pairs.tolist(), scores.tolist()) if score > threshold}
-            found_true = kept & true_pairs
-            copy_found = [
-                (min(c, original_of[source_of[c]]), max(c, original_of[source_of[c]])) in kept for c in copies
-            ]
-            false = kept - true_pairs
-            same_family = sum(family[a] == family[b] for a, b in false)
-            groups = duplicates.group_pairs(np.array(sorted(kept), dtype=np.int64).reshape(-1, 2))
-            grouped_pairs = {(min(a, b), max(a, b)) for group in groups for a in group for b in group if a < b}
-            curve.append(
-                {
-                    "threshold": threshold,
-                    "pairs": len(kept),
-                    "pair_precision": len(found_true) / max(1, len(kept)),
-                    "pair_recall": len(found_true) / len(true_pairs),
-                    "copies_found": float(np.mean(copy_found)),
-                    "copies_found_by_kind": {
-                        kind: float(np.mean([hit for c, hit in zip(copies, copy_found) if kind_of[c] == kind]))
-                        for kind in COPY_KINDS
-                    },
-                    "false_pairs_same_family_and_colour": same_family,
-                    "group_precision": len(grouped_pairs & true_pairs) / max(1, len(grouped_pairs)),
-                    "group_recall": len(grouped_pairs & true_pairs) / len(true_pairs),
-                }
-            )
-            print(json.dumps(curve[-1]), flush=True)
+        copy_pairs = {(min(c, original_of[source_of[c]]), max(c, original_of[source_of[c]])): c for c in copies}
+        started = time.perf_counter()
+        clip_pairs, clip_scores = duplicates.pairs_above(opened.faiss_index, ids, embeddings, min(args.thresholds))
+        clip_seconds = time.perf_counter() - started
+        curves = {"clip": [point(clip_pairs[clip_scores > t], t) for t in args.thresholds]}
+        started = time.perf_counter()  # the pixel method as find_duplicates runs it, every candidate kept
+        default_clip = clip_pairs[clip_scores > duplicates.DEFAULT_THRESHOLD]
+        checked, distances, candidates, _ = duplicates.pixel_checked_pairs(opened, ids, default_clip, 1.0, False)
+        pixel_seconds = time.perf_counter() - started
+        candidate_copies = float(np.mean([pair in {tuple(p) for p in checked.tolist()} for pair in copy_pairs]))
+        curves["pixels"] = [point(checked[distances <= t], t) for t in args.pixel_thresholds]
         info = opened.info
     return {"images": len(ids), "copies": len(copies), "byte_identical_copies_stored_once": info["duplicates"],
-            "true_pairs": len(true_pairs), "curve": curve}  # fmt: skip
+            "true_pairs": len(true_pairs), "pixel_candidates": candidates, "copies_among_candidates": candidate_copies,
+            "seconds": {"clip_pairs": round(clip_seconds, 1), "pixel_check": round(pixel_seconds, 1)},
+            "curves": curves}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ combined queries
@@ -414,6 +428,8 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=500, help="duplicates: icons copied")
     parser.add_argument("--thresholds", type=float, nargs="+",
                         default=[0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995])  # fmt: skip
+    parser.add_argument("--pixel-thresholds", type=float, nargs="+",
+                        default=[0.3, 0.34, 0.38, 0.4, 0.42, 0.44, 0.46, 0.5, 0.55])  # fmt: skip
     parser.add_argument("--queries", type=int, default=500, help="query: queries")
     parser.add_argument("--work", default=None, help="duplicates, sync: a scratch folder")
     parser.add_argument("--seed", type=int, default=0)

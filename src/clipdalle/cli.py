@@ -568,20 +568,29 @@ def cmd_index_export(args: argparse.Namespace) -> None:
 def cmd_index_duplicates(args: argparse.Namespace) -> None:
     from .index import Index
     from .index.duplicates import DEFAULT_THRESHOLD, find_duplicates
+    from .index.pixel_match import PIXEL_THRESHOLD
     from .runtime import resolve_device
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    pixel_threshold = PIXEL_THRESHOLD if args.pixel_threshold is None else args.pixel_threshold
     with Index.open(args.index, device=str(resolve_device(args.device))) as index:
-        report = find_duplicates(index, threshold)
+        report = find_duplicates(
+            index, threshold, method=args.method, pixel_threshold=pixel_threshold, progress=not args.json
+        )
     if args.json:
         print_json(report)
         return
-    print(
-        f"{report['groups_total']} group(s) of near-duplicates, {report['grouped']} of {report['images']} images "
-        f"(cosine > {threshold})"
-    )
+    rule = f"cosine > {threshold}"
+    if args.method == "pixels":
+        rule = f"{report['candidates']} candidate pair(s) checked on the pixels, difference <= {pixel_threshold}" + (
+            f"; {report['unreadable']} image(s) unreadable, left out" if report["unreadable"] else ""
+        )
+    grouped = f"{report['grouped']} of {report['images']} images"
+    print(f"{report['groups_total']} group(s) of near-duplicates, {grouped} ({rule})")
     for group in report["groups"]:
-        print(f"{len(group['ids'])} images, cosine {group['min_score']:.3f} to {group['max_score']:.3f}:")
+        farthest = group["max_pixel_distance"]
+        pixels = "" if farthest is None else f", pixel difference <= {farthest:.3f}"
+        print(f"{len(group['ids'])} images, cosine {group['min_score']:.3f} to {group['max_score']:.3f}{pixels}:")
         for image in group["images"]:
             print(f"  #{image['id']}  {image['path']}")
 
@@ -971,7 +980,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--index", required=True, help="index folder")
     duplicates = command(index, "duplicates", cmd_index_duplicates, "groups of near-duplicate images")
     duplicates.add_argument("--index", required=True, help="index folder")
-    duplicates.add_argument("--threshold", type=float, default=None, help="cosine above which two pair (default 0.97)")
+    duplicates.add_argument("--method", choices=("pixels", "clip"), default="pixels",
+                            help="pixels (default): candidates checked on pixels; clip: cosine alone")  # fmt: skip
+    duplicates.add_argument("--threshold", type=float, default=None,
+                            help="CLIP cosine above which two pair or are candidates (default 0.97)")  # fmt: skip
+    duplicates.add_argument("--pixel-threshold", type=float, default=None,
+                            help="pixels: largest blurred difference of a near-duplicate (default 0.44)")  # fmt: skip
     duplicates.add_argument("--json", action="store_true", help="print the groups as JSON")
     add_runtime_flags(duplicates)
     sync = command(index, "sync", cmd_index_sync, "embed new and changed files of a folder, drop deleted ones")

@@ -125,19 +125,61 @@ def test_groups_are_connected_components_largest_first():
     assert duplicates.group_pairs(np.zeros((0, 2), dtype=np.int64)) == []
 
 
-def test_find_duplicates_groups_copies_and_the_cli_prints_them(capsys, opened, built_index):
-    report = duplicates.find_duplicates(opened, threshold=0.999)
+def test_find_duplicates_by_clip_groups_pairs_above_the_cosine_and_the_cli_prints_them(capsys, opened, built_index):
+    report = duplicates.find_duplicates(opened, threshold=0.999, method="clip")
     grouped = {member for group in report["groups"] for member in group["ids"]}
     assert report["grouped"] == len(grouped) and report["images"] == len(opened)
     for group in report["groups"]:
         assert group["min_score"] > 0.999 and [image["id"] for image in group["images"]] == group["ids"]
-    everything = duplicates.find_duplicates(opened, threshold=-1.0, max_groups=1)
+        assert group["max_pixel_distance"] is None
+    everything = duplicates.find_duplicates(opened, threshold=-1.0, max_groups=1, method="clip")
     assert everything["groups_total"] == 1 and everything["grouped"] == len(opened)  # one group of all
-    code, out, err = run(capsys, "index", "duplicates", "--index", str(built_index), "--threshold", "-1", "--json")
+    cli_args = ["index", "duplicates", "--index", str(built_index), "--method", "clip", "--threshold", "-1"]
+    code, out, err = run(capsys, *cli_args, "--json")
     assert code == 0, err
     assert json.loads(out)["groups"][0]["ids"] == sorted(opened.embeddings()[0].tolist())
-    code, out, err = run(capsys, "index", "duplicates", "--index", str(built_index), "--threshold", "-1")
+    code, out, err = run(capsys, *cli_args)
     assert code == 0 and "1 group(s) of near-duplicates" in out
+    with pytest.raises(ValueError, match="expected one of pixels, clip"):
+        duplicates.find_duplicates(opened, method="hash")
+
+
+def test_find_duplicates_on_the_pixels_groups_each_original_with_its_copies_only(capsys, tiny_clip_run, tmp_path):
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    originals = [("circle", "red"), ("square", "red"), ("triangle", "blue"), ("cross", "green")]
+    for shape, colour in originals:
+        image = draw_shape(shape, colour, 32)
+        image.save(folder / f"{shape}.png")
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / f"{shape}-mirrored.png")
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=20)
+        (folder / f"{shape}-jpeg.jpg").write_bytes(buffer.getvalue())
+        image.crop((1, 1, 30, 30)).save(folder / f"{shape}-crop.png")
+    draw_shape("circle", "blue", 32).save(folder / "circle-blue.png")  # the same shape in another colour
+    draw_shape("square", "red", 32, jitter=2).save(folder / "square-smaller.png")  # another picture of a square
+    index.build_index(tiny_clip_run, folder, tmp_path / "index", num_workers=0)
+    (folder / "cross-crop.png").unlink()  # gone since indexing: left out
+    with Index.open(tmp_path / "index") as opened:
+        report = duplicates.find_duplicates(opened)
+        rows = opened.rows(opened.embeddings()[0].tolist())
+    assert report["method"] == "pixels" and report["unreadable"] == 1 and report["candidates"] >= report["pairs"]
+    stems = [sorted(Path(rows[member]["path"]).stem for member in group["ids"]) for group in report["groups"]]
+    indexed = {Path(row["path"]).stem for row in rows.values()}  # a symmetric shape's mirror is stored once
+    for shape in ("circle", "square", "triangle", "cross"):
+        copies = {shape, f"{shape}-mirrored", f"{shape}-jpeg", f"{shape}-crop"} & indexed - {"cross-crop"}
+        assert sorted(copies) in stems, stems
+    assert not any("circle-blue" in group or "square-smaller" in group for group in stems)
+    for group in report["groups"]:
+        if group["max_pixel_distance"] is not None:
+            assert 0 <= group["max_pixel_distance"] <= duplicates.pixel_match.PIXEL_THRESHOLD
+    code, out, err = run(capsys, "index", "duplicates", "--index", str(tmp_path / "index"))
+    assert code == 0, err
+    assert "checked on the pixels" in out and "1 image(s) unreadable" in out
 
 
 # ------------------------------------------------------------------------------------------ folder sync

@@ -303,17 +303,22 @@ def test_duplicates_tab_shows_the_groups_the_api_finds(page, served):
 
     open_page(page, served)
     page.get_by_role("tab", name="Duplicates").click()
-    page.get_by_label("Cosine threshold").fill("0.99")
-    page.get_by_role("button", name="Find duplicates").click()
-    wait_until_answered(page, "duplicates")
-    answer = page.request.get(f"{served}/api/duplicates", params={"threshold": 0.99, "max_groups": 50}).json()
-    assert answer["groups"], "the shapes have near-identical jittered copies"
-    groups = page.locator("#duplicates-results > li")
-    expect(groups).to_have_count(len(answer["groups"]))
-    expect(page.locator("#duplicates-summary")).to_contain_text(f"{answer['groups_total']} group")
-    shown = groups.first.locator(".member .muted").all_inner_texts()
-    assert shown == [f"#{image_id}" for image_id in answer["groups"][0]["ids"]]
-    page.wait_for_function(ALL_IMAGES_LOADED, arg="#duplicates-results img")
+    for method, threshold, rule in [("clip", "0.99", "cosine above 0.99"), ("pixels", "-1", "checked on the pixels")]:
+        page.get_by_label("Method").select_option(method)
+        page.get_by_label("Cosine threshold").fill(threshold)
+        page.get_by_role("button", name="Find duplicates").click()
+        wait_until_answered(page, "duplicates")
+        params = {"threshold": threshold, "max_groups": 50, "method": method}
+        answer = page.request.get(f"{served}/api/duplicates", params=params).json()
+        assert answer["groups"], "the shapes have near-identical jittered copies"
+        groups = page.locator("#duplicates-results > li")
+        expect(groups).to_have_count(len(answer["groups"]))
+        expect(page.locator("#duplicates-summary")).to_contain_text(f"{answer['groups_total']} group")
+        expect(page.locator("#duplicates-summary")).to_contain_text(rule)
+        shown = groups.first.locator(".member .muted").all_inner_texts()
+        assert shown == [f"#{image_id}" for image_id in answer["groups"][0]["ids"]]
+        page.wait_for_function(ALL_IMAGES_LOADED, arg="#duplicates-results img")
+    expect(page.locator("#duplicates-results .group-title").first).to_contain_text("pixel difference")
 
 
 def test_describe_tab_captions_an_upload_and_shows_where_a_text_matches(page, served, shapes_32):

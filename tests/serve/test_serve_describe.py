@@ -72,10 +72,17 @@ def test_explain_an_upload_and_an_indexed_image(client, shapes_32):
 
 
 def test_duplicates_and_combined_queries(client, shapes_32):
-    groups = client.get("/api/duplicates", params={"threshold": -1}).json()
+    groups = client.get("/api/duplicates", params={"threshold": -1, "method": "clip"}).json()
     assert groups["groups_total"] == 1 and groups["grouped"] == groups["images"]
     assert set(groups["groups"][0]["images"][0]) == {"id", "caption", "width", "height", "thumbnail", "url"}
+    checked = client.get("/api/duplicates", params={"threshold": -1}).json()  # pixels: every pair a candidate
+    assert checked["method"] == "pixels" and checked["candidates"] >= checked["images"] - 1
+    assert checked["grouped"] < checked["images"]  # circles and crosses are not copies of each other
+    for group in checked["groups"]:
+        assert group["max_pixel_distance"] <= checked["pixel_threshold"]
     assert client.get("/api/duplicates", params={"threshold": 2}).status_code == 422
+    assert client.get("/api/duplicates", params={"method": "hash"}).status_code == 422
+    assert client.get("/api/duplicates", params={"pixel_threshold": -0.1}).status_code == 422
     plain = client.get("/api/search", params={"q": "a red circle", "k": 5}).json()
     combined = client.get("/api/query", params={"q": "a red circle", "k": 5}).json()
     assert [item["id"] for item in combined["results"]] == [item["id"] for item in plain["results"]]

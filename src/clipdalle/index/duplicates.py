@@ -1,24 +1,40 @@
-"""Near-duplicates: groups of stored images whose CLIP embeddings are closer than a cosine threshold.
+"""Near-duplicates: groups of stored images that are copies of one picture (resized, re-encoded, cropped, mirrored).
 
-Copies of one picture (resized, re-encoded, slightly cropped, mirrored) land close together in CLIP space while
-distinct pictures, even of one subject, stay further apart. The pairs above the threshold come from the faiss
-index itself (a range search per batch of stored vectors, as clip-retrieval's `deduplicate` does), never from all
-N^2 pairs, and the groups are the connected components of those pairs (union-find).
+Two methods, and the groups are the connected components of the pairs either accepts (union-find):
+- "clip": the pairs whose CLIP embeddings are closer than a cosine threshold, from the faiss index itself (a range
+  search per batch of stored vectors, as clip-retrieval's `deduplicate` does), never from all N^2 pairs;
+- "pixels" (the default): those pairs and each image's nearest neighbours by a perceptual descriptor are
+  candidates, and a candidate is accepted when the pixels agree after the best of six alignments and its flat
+  regions have one colour (`pixel_match`). A caption-trained CLIP puts two icons of one family, or one icon in
+  two colours, as close together as a JPEG copy is to its original; the pixels tell them apart far better
+  (benchmarks/RESULTS.md).
+  It reads every stored image once; an image that can no longer be read is left out and counted.
 
-    find_duplicates(index, threshold=0.95)     # {"threshold", "images", "pairs", "groups": [{"ids", ...}]}
+    find_duplicates(index)                      # {"method", "threshold", "images", "pairs", "groups": [...]}
+    find_duplicates(index, 0.95, method="clip")
 
-DEFAULT_THRESHOLD is calibrated on copies of the validation icons (benchmarks/RESULTS.md, Near-duplicates).
+DEFAULT_THRESHOLD and pixel_match.PIXEL_THRESHOLD are calibrated on copies of the validation icons
+(benchmarks/RESULTS.md, Near-duplicates).
 """
 
 from __future__ import annotations
 
+import tarfile
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..transforms import BadImage, decode_image
+from . import pixel_match
+from .store import read_image
 
 DEFAULT_THRESHOLD = 0.97  # cosine: the F1-best on copies of the validation icons with the demo CLIP (RESULTS.md)
 QUERY_BATCH = 1024  # stored vectors sent to the faiss range search at once
 KNN_FALLBACK = 64  # neighbours per image for faiss indexes without a range search
+METHODS = ("pixels", "clip")
 
 
 def pairs_above(faiss_index: Any, ids: np.ndarray, embeddings: np.ndarray, threshold: float) -> tuple:
@@ -71,15 +87,68 @@ def group_pairs(pairs: np.ndarray) -> list[list[int]]:
     return sorted((sorted(members) for members in groups.values()), key=lambda members: (-len(members), members[0]))
 
 
-def find_duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD, max_groups: int | None = None) -> dict:
-    """Groups of near-duplicate images of an open `Index`: {"threshold", "images", "pairs", "grouped" (images in
-    some group), "groups": [{"ids", "min_score", "max_score", "images": [{"id", "path", "caption", "width",
-    "height"}]}]}, largest groups first; `max_groups` keeps that many (the counts still cover all)."""
+def stored_thumbnails(index: Any, ids: np.ndarray, progress: bool = False) -> tuple[Any, np.ndarray]:
+    """(thumbnails (N, 3, S, S) uint8, readable (N,) bool) of the stored images `ids`, read back from where the
+    index found them; an image that is gone or no longer decodes gets a blank thumbnail and readable False."""
+    with index.lock:
+        rows = index.rows(ids.tolist())
+    data = index.info.get("data", [])
+    images, readable = [], np.zeros(len(ids), dtype=bool)
+    blank = Image.new("RGB", (1, 1), "white")
+    for number, image_id in enumerate(tqdm(ids.tolist(), desc="reading images", unit="img", disable=not progress)):
+        try:
+            images.append(decode_image(read_image(rows[image_id]["path"], data), f"image {image_id}"))
+            readable[number] = True
+        except (OSError, KeyError, BadImage, tarfile.TarError, EOFError):
+            images.append(blank)
+    return pixel_match.thumbnails(images), readable
+
+
+def pixel_checked_pairs(index: Any, ids: np.ndarray, clip_pairs: np.ndarray, pixel_threshold: float, progress: bool):
+    """(pairs (P, 2) ids, pixel distances (P,), candidates checked, unreadable images): the candidates (each
+    image's descriptor neighbours and the CLIP pairs) that `pixel_match.matches` accepts: within `pixel_threshold`
+    and of one colour. An image that can no longer be read is left out, and counted."""
+    thumbs, readable = stored_thumbnails(index, ids, progress)
+    row_of = {image_id: number for number, image_id in enumerate(ids.tolist())}
+    clip_rows = np.array([[row_of[a], row_of[b]] for a, b in clip_pairs.tolist()], dtype=np.int64).reshape(-1, 2)
+    clip_rows = clip_rows[readable[clip_rows[:, 0]] & readable[clip_rows[:, 1]]]
+    readable_rows = np.flatnonzero(readable)
+    neighbours = readable_rows[pixel_match.candidate_pairs(thumbs[torch.from_numpy(readable_rows)])]  # (P, 2) rows
+    candidates = np.unique(np.concatenate([neighbours.reshape(-1, 2), clip_rows]), axis=0)
+    accepted, distances = pixel_match.matches(thumbs, candidates, pixel_threshold)
+    return ids[candidates[accepted]].reshape(-1, 2), distances[accepted], len(candidates), int((~readable).sum())
+
+
+def find_duplicates(
+    index: Any,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_groups: int | None = None,
+    method: str = "pixels",
+    pixel_threshold: float = pixel_match.PIXEL_THRESHOLD,
+    progress: bool = False,
+) -> dict:
+    """Groups of near-duplicate images of an open `Index`: {"method", "threshold", "pixel_threshold", "images",
+    "candidates" (pairs checked on the pixels), "unreadable", "pairs", "grouped" (images in some group),
+    "groups_total", "groups": [{"ids", "min_score", "max_score" (cosines of the pairs that joined it),
+    "max_pixel_distance", "images": [{"id", "path", "caption", "width", "height"}]}]}, largest groups first;
+    `max_groups` keeps that many (the counts still cover all). `threshold` is the CLIP cosine above which two
+    images pair ("clip") or are a candidate ("pixels")."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    if not 0 <= pixel_threshold <= 1:
+        raise ValueError(f"pixel threshold {pixel_threshold}: expected a difference between 0 and 1, e.g. 0.44")
     ids, embeddings = index.embeddings()
     if len(ids) == 0:
         raise ValueError(f"{index.path}: the index holds no images")
     with index.lock:
-        pairs, scores = pairs_above(index.faiss_index, ids, embeddings, threshold)
+        pairs, _ = pairs_above(index.faiss_index, ids, embeddings, threshold)
+    distances, candidates, unreadable = np.full(len(pairs), np.nan, dtype=np.float32), len(pairs), 0
+    if method == "pixels":
+        pairs, distances, candidates, unreadable = pixel_checked_pairs(index, ids, pairs, pixel_threshold, progress)
+    position = {image_id: number for number, image_id in enumerate(ids.tolist())}
+    scores = np.einsum(  # the cosine of each pair, (P,)
+        "pd,pd->p", embeddings[[position[a] for a in pairs[:, 0]]], embeddings[[position[b] for b in pairs[:, 1]]]
+    ) if len(pairs) else np.zeros(0, dtype=np.float32)  # fmt: skip
     groups = group_pairs(pairs)
     shown = groups if max_groups is None else groups[:max_groups]
     with index.lock:
@@ -90,23 +159,31 @@ def find_duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD, max_groups
             pair_group[member] = number
     low = [1.0] * len(shown)
     high = [-1.0] * len(shown)
-    for (first, _), score in zip(pairs.tolist(), scores.tolist()):
+    farthest: list[float | None] = [None] * len(shown)
+    for (first, _), score, distance in zip(pairs.tolist(), scores.tolist(), distances.tolist()):
         number = pair_group.get(first)
         if number is not None:
             low[number], high[number] = min(low[number], score), max(high[number], score)
+            if method == "pixels":
+                farthest[number] = max(distance, farthest[number] or 0.0)
     fields = ("id", "path", "caption", "width", "height")
     report_groups = [
         {
             "ids": group,
             "min_score": round(low[number], 6),
             "max_score": round(high[number], 6),
+            "max_pixel_distance": None if farthest[number] is None else round(farthest[number], 6),
             "images": [{name: rows[member][name] for name in fields} for member in group if member in rows],
         }
         for number, group in enumerate(shown)
     ]
     return {
+        "method": method,
         "threshold": threshold,
+        "pixel_threshold": pixel_threshold if method == "pixels" else None,
         "images": int(len(ids)),
+        "candidates": int(candidates),
+        "unreadable": unreadable,
         "pairs": int(len(pairs)),
         "grouped": sum(len(group) for group in groups),
         "groups_total": len(groups),

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from .. import caption, explain
 from ..index import duplicates, query
+from ..index.pixel_match import PIXEL_THRESHOLD
 from ..index.store import stored_captions
 from .common import ApiError, data_url, png_bytes
 from .context import ServeContext
@@ -152,11 +153,19 @@ def describe_router(context: ServeContext) -> APIRouter:
 
     @router.get("/duplicates", response_model=Duplicates, summary="groups of near-duplicate images in the index")
     def near_duplicates(
-        threshold: float = Query(duplicates.DEFAULT_THRESHOLD, ge=-1, le=1, description="cosine above which two pair"),
+        threshold: float = Query(
+            duplicates.DEFAULT_THRESHOLD, ge=-1, le=1, description="CLIP cosine: pairs above it (clip) or candidates"
+        ),
         max_groups: int = Query(50, ge=1, le=MAX_GROUPS, description="groups returned, largest first"),
+        method: Literal["pixels", "clip"] = Query("pixels", description="pixel-checked or CLIP only"),
+        pixel_threshold: float = Query(
+            PIXEL_THRESHOLD, ge=0, le=1, description="pixels: largest blurred difference of a near-duplicate"
+        ),
     ) -> dict:
         index = context.need_index()
-        report = duplicates.find_duplicates(index, threshold, max_groups=max_groups)
+        report = duplicates.find_duplicates(
+            index, threshold, max_groups=max_groups, method=method, pixel_threshold=pixel_threshold
+        )
         for group in report["groups"]:
             group["images"] = [
                 {

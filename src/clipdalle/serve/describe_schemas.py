@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -46,13 +48,20 @@ class DuplicateGroup(BaseModel):
     ids: list[int]
     min_score: float = Field(description="lowest cosine of the pairs that joined the group")
     max_score: float
+    max_pixel_distance: float | None = Field(
+        description="largest pixel difference of the pairs that joined the group (null: method clip)"
+    )
     images: list[DuplicateImage]
 
 
 class Duplicates(BaseModel):
-    threshold: float
+    method: Literal["pixels", "clip"]
+    threshold: float = Field(description="CLIP cosine above which two images pair (clip) or are a candidate (pixels)")
+    pixel_threshold: float | None = Field(description="largest pixel difference of a pair (null: method clip)")
     images: int = Field(description="images in the index")
-    pairs: int = Field(description="pairs above the threshold")
+    candidates: int = Field(description="pairs compared (pixels: checked on the pixels)")
+    unreadable: int = Field(description="stored images that could not be read back (pixels: left out)")
+    pairs: int = Field(description="pairs accepted as near-duplicates")
     grouped: int = Field(description="images in some group")
     groups_total: int
     groups: list[DuplicateGroup] = Field(description="largest first (at most max_groups)")

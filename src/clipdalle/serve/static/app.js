@@ -570,7 +570,10 @@ function renderDuplicates(answer) {
   const summary = element("duplicates-summary");
   summary.textContent =
     `${answer.groups_total} group${answer.groups_total === 1 ? "" : "s"}: ${answer.grouped} of ` +
-    `${answer.images} images have a near-duplicate (cosine above ${answer.threshold}).`;
+    `${answer.images} images have a near-duplicate (` +
+    (answer.method === "pixels"
+      ? `${answer.candidates} look-alike pairs checked on the pixels, difference at most ${answer.pixel_threshold}).`
+      : `cosine above ${answer.threshold}).`);
   summary.hidden = false;
   element("duplicates-threshold").placeholder = String(answer.threshold);
   element("duplicates-results").replaceChildren(
@@ -584,7 +587,8 @@ function renderDuplicates(answer) {
           make("span", { className: "muted", text: `#${image.id}` }),
         ]);
       });
-      const range = `cosine ${group.min_score.toFixed(3)}–${group.max_score.toFixed(3)}`;
+      let range = `cosine ${group.min_score.toFixed(3)}–${group.max_score.toFixed(3)}`;
+      if (group.max_pixel_distance !== null) range += ` · pixel difference ≤ ${group.max_pixel_distance.toFixed(3)}`;
       return make("li", { className: "group" }, [
         make("p", { className: "group-title", text: `${group.ids.length} images · ${range}` }),
         make("ul", { className: "members" }, images),
@@ -597,8 +601,9 @@ function wireDuplicates() {
   element("duplicates-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const threshold = element("duplicates-threshold").value.trim();
+    const method = element("duplicates-method").value;
     runTask("duplicates", async () => {
-      const params = new URLSearchParams({ max_groups: 50 });
+      const params = new URLSearchParams({ max_groups: 50, method });
       if (threshold) params.set("threshold", threshold);
       renderDuplicates(await apiJson(`/api/duplicates?${params}`));
     });
