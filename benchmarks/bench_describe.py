@@ -247,8 +247,10 @@ def make_copy(png: bytes, kind: str) -> tuple[bytes, str]:
 
 def measure_duplicates(args: argparse.Namespace) -> dict:
     from clipdalle import index as index_module
-    from clipdalle.index import duplicates
+    from clipdalle.index import duplicates, pixel_match
 
+    if args.colour_threshold is not None:
+        pixel_match.COLOUR_THRESHOLD = args.colour_threshold
     found = val_icons(Path(args.data))
     work = Path(args.work)
     folder = work / "images"
@@ -430,6 +432,8 @@ def main() -> None:
                         default=[0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995])  # fmt: skip
     parser.add_argument("--pixel-thresholds", type=float, nargs="+",
                         default=[0.3, 0.34, 0.38, 0.4, 0.42, 0.44, 0.46, 0.5, 0.55])  # fmt: skip
+    parser.add_argument("--colour-threshold", type=float, default=None,
+                        help="duplicates: the pixel method's colour check (1 turns it off)")  # fmt: skip
     parser.add_argument("--queries", type=int, default=500, help="query: queries")
     parser.add_argument("--work", default=None, help="duplicates, sync: a scratch folder")
     parser.add_argument("--seed", type=int, default=0)
