@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ..transforms import BadImage, decode_image
@@ -87,21 +86,23 @@ def group_pairs(pairs: np.ndarray) -> list[list[int]]:
     return sorted((sorted(members) for members in groups.values()), key=lambda members: (-len(members), members[0]))
 
 
-def stored_thumbnails(index: Any, ids: np.ndarray, progress: bool = False) -> tuple[Any, np.ndarray]:
+def stored_thumbnails(index: Any, ids: np.ndarray, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """(thumbnails (N, 3, S, S) uint8, readable (N,) bool) of the stored images `ids`, read back from where the
-    index found them; an image that is gone or no longer decodes gets a blank thumbnail and readable False."""
+    index found them, one at a time; an image that is gone or no longer decodes gets a white thumbnail and
+    readable False."""
     with index.lock:
         rows = index.rows(ids.tolist())
     data = index.info.get("data", [])
-    images, readable = [], np.zeros(len(ids), dtype=bool)
-    blank = Image.new("RGB", (1, 1), "white")
+    size = pixel_match.THUMB_SIZE
+    thumbs = np.full((len(ids), size, size, 3), 255, dtype=np.uint8)  # (N, S, S, 3)
+    readable = np.zeros(len(ids), dtype=bool)
     for number, image_id in enumerate(tqdm(ids.tolist(), desc="reading images", unit="img", disable=not progress)):
         try:
-            images.append(decode_image(read_image(rows[image_id]["path"], data), f"image {image_id}"))
+            thumbs[number] = pixel_match.thumbnail(decode_image(read_image(rows[image_id]["path"], data)))
             readable[number] = True
         except (OSError, KeyError, BadImage, tarfile.TarError, EOFError):
-            images.append(blank)
-    return pixel_match.thumbnails(images), readable
+            continue
+    return torch.from_numpy(thumbs).permute(0, 3, 1, 2).contiguous(), readable  # (N, 3, S, S)
 
 
 def pixel_checked_pairs(index: Any, ids: np.ndarray, clip_pairs: np.ndarray, pixel_threshold: float, progress: bool):
