@@ -166,3 +166,22 @@ def test_comparison_rows_say_better_only_when_the_interval_is_on_one_side():
     diversity = rows["held-out captions: diversity"]
     assert diversity["better"] is True and diversity["interval"][0] > 0
     assert heldout.compare(base, better)[0]["better"] is False
+
+
+def test_the_pipeline_fetches_a_clip_named_by_the_user_and_uses_it(capsys, shapes, tmp_path, model_server):
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(tiny_plan()))
+    out = tmp_path / "out"
+    argv = ["pipeline", "--data", str(shapes), "--out", str(out), "--preset", str(plan_path), "--clip", "ViT-B/32"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert model_server.count("GET") > 0  # fetched from the (local) server
+    assert not (out / "clip" / checkpoint.WEIGHTS_FILE).exists()  # no CLIP trained
+    metrics = json.loads((out / "eval.json").read_text())
+    assert metrics["settings"]["clip"] == "ViT-B/32"
+    assert 0 <= metrics["generation"]["val"]["r_precision_kept"] <= 1
+    info = json.loads((out / "index" / "info.json").read_text())
+    assert info["count"] >= 16 and "ViT-B/32" in json.dumps(info)
+    fetched = model_server.count("GET")
+    code, _, err = run(capsys, *argv)  # again: every stage complete, nothing fetched anew
+    assert code == 0 and err.count("complete, skipped") == 8 and model_server.count("GET") == fetched
