@@ -3,6 +3,7 @@
     python benchmarks/bench_describe.py caption --clip runs/demo/clip --data data/icons-32px-8c --index runs/demo/index
     python benchmarks/bench_describe.py explain    --clip runs/demo/clip --data data/icons-32px-8c
     python benchmarks/bench_describe.py duplicates --clip runs/demo/clip --data data/icons-32px-8c --work /tmp/dups
+    python benchmarks/bench_describe.py colour     --data data/icons-32px-8c
     python benchmarks/bench_describe.py query      --index runs/demo/index
     python benchmarks/bench_describe.py sync       --clip runs/demo/clip --data data/icons-32px-8c --work /tmp/sync
 
@@ -10,8 +11,9 @@ caption: CLIP ranking with the tables cut from the index's captions (colour, thi
 classification and, with --captioner, the trained captioner; colour and icon name right at top-1, BLEU-4 against
 the five true captions beside constant captions. explain: the pointing game on canvases of 2-4 icons. duplicates:
 copies of validation icons (resized, JPEG, 90 % crop, mirrored) indexed beside all originals, precision and recall
-of the pairs above each threshold. query: image arithmetic (an icon in one colour - its colour + another colour)
-against text and image queries. sync: a sync of an unchanged and of a changed folder against a build.
+of the pairs above each threshold. colour: the pixel method's ink-direction and JPEG steps on the copies, on JPEG
+copies made in other ways and on recolours. query: image arithmetic (an icon in one colour - its colour + another
+colour) against text and image queries. sync: a sync of an unchanged and of a changed folder against a build.
 """
 
 from __future__ import annotations
@@ -327,6 +329,75 @@ def measure_duplicates(args: argparse.Namespace) -> dict:
             "curves": curves}  # fmt: skip
 
 
+def saved_jpeg(image: Image.Image, **options) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **options)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def measure_colour_steps(args: argparse.Namespace) -> dict:
+    """The pixel method's steps 4 and 5 on the same seeded source icons as `duplicates`. Step 4: the ink-direction
+    angle between each source and its four copies (as `duplicates` makes them) and its recolours (the same icon in
+    the other palette colours). Step 5: the re-encoding distance of JPEG copies at quality 20 made as the
+    calibration makes them and in ways it never saw (re-saved, from pixels off by up to 2 levels as another decoder
+    or colour conversion gives, after a first save at quality 95, without chroma subsampling), and of the recolours
+    against the calibrated copy."""
+    from clipdalle.index import pixel_match
+
+    found = val_icons(Path(args.data))
+    rng = np.random.default_rng(args.seed)
+    sources = sorted(rng.choice(len(found["names"]), size=args.sources, replace=False).tolist())
+    of_name: dict[str, list[int]] = {}
+    for number, name in enumerate(found["names"]):
+        of_name.setdefault(name, []).append(number)
+    noise = np.random.default_rng(args.seed + 1)
+    angles: dict[str, list[float]] = {}
+    distances: dict[str, list[float]] = {}
+    for number in sources:
+        original = Image.open(io.BytesIO(found["pngs"][number])).convert("RGB")
+        recolours = [Image.open(io.BytesIO(found["pngs"][other])).convert("RGB")
+                     for other in of_name[found["names"][number]] if other != number]  # fmt: skip
+        views = {kind: Image.open(io.BytesIO(make_copy(found["pngs"][number], kind)[0])) for kind in COPY_KINDS}
+        views.update({f"recolour {i}": recolour for i, recolour in enumerate(recolours)})
+        thumbs = pixel_match.thumbnails([original, *views.values()])
+        pairs = np.array([[0, row] for row in range(1, len(thumbs))], dtype=np.int64)
+        for kind, angle in zip(views, pixel_match.ink_angles(thumbs, pairs).tolist()):
+            angles.setdefault(kind.split(" ")[0] if kind.startswith("recolour") else kind, []).append(angle)
+        pixels = np.asarray(original).astype(np.int16)
+        nudged = Image.fromarray(np.clip(pixels + noise.integers(-2, 3, pixels.shape), 0, 255).astype(np.uint8))
+        copies = {
+            "as calibrated (quality 20)": saved_jpeg(original, quality=20),
+            "progressive, optimised": saved_jpeg(original, quality=20, progressive=True, optimize=True),
+            "from pixels off by <= 2 levels": saved_jpeg(nudged, quality=20),
+            "saved twice at quality 20": saved_jpeg(saved_jpeg(original, quality=20).convert("RGB"), quality=20),
+            "quality 95, then 20": saved_jpeg(saved_jpeg(original, quality=95).convert("RGB"), quality=20),
+            "no chroma subsampling": saved_jpeg(original, quality=20, subsampling=0),
+        }
+        for kind, copy in copies.items():
+            distance = pixel_match.reencoding_distance(original, copy, pixel_match.jpeg_settings(copy))
+            distances.setdefault(kind, []).append(distance)
+        copy = copies["as calibrated (quality 20)"]
+        for recolour in recolours:
+            distance = pixel_match.reencoding_distance(recolour, copy, pixel_match.jpeg_settings(copy))
+            distances.setdefault("recolour (another palette colour)", []).append(distance)
+
+    def summary(values: list[float], thresholds: list[float]) -> dict:
+        values = np.array(values, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        return {"pairs": len(values), "not_applicable": int(len(values) - len(finite)),
+                "min": round(float(finite.min()), 3), "median": round(float(np.median(finite)), 3),
+                "p99": round(float(np.percentile(finite, 99)), 3), "max": round(float(finite.max()), 3),
+                "within": {str(t): round(float(np.mean(finite <= t)), 4) for t in thresholds}}  # fmt: skip
+
+    angle_thresholds = [pixel_match.INK_ANGLE_THRESHOLD]
+    reencode_thresholds = sorted({0.1, 0.15, 0.2, 0.25, 0.3, pixel_match.REENCODE_THRESHOLD})
+    return {
+        "sources": len(sources),
+        "ink_angle": {kind: summary(values, angle_thresholds) for kind, values in angles.items()},
+        "reencoding": {kind: summary(values, reencode_thresholds) for kind, values in distances.items()},
+    }
+
+
 # ------------------------------------------------------------------------------------------ combined queries
 
 
@@ -419,7 +490,7 @@ def measure_sync(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("caption", "explain", "duplicates", "query", "sync"))
+    parser.add_argument("what", choices=("caption", "explain", "duplicates", "colour", "query", "sync"))
     parser.add_argument("--clip", help="CLIP run (the demo's)")
     parser.add_argument("--data", help="the icon dataset folder (val/ shards)")
     parser.add_argument("--index", help="index of the validation icons (the demo's)")
@@ -442,7 +513,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     print(f"# {' '.join(sys.argv)}; {machine_line()}", flush=True)
     measure = {"caption": measure_captions, "explain": measure_pointing, "duplicates": measure_duplicates,
-               "query": measure_query, "sync": measure_sync}[args.what]  # fmt: skip
+               "colour": measure_colour_steps, "query": measure_query, "sync": measure_sync}[args.what]  # fmt: skip
     started = time.perf_counter()
     results = measure(args)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -147,7 +147,7 @@ def test_find_duplicates_by_clip_groups_pairs_above_the_cosine_and_the_cli_print
 def test_find_duplicates_on_the_pixels_groups_each_original_with_its_copies_only(capsys, tiny_clip_run, tmp_path):
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -162,6 +162,12 @@ def test_find_duplicates_on_the_pixels_groups_each_original_with_its_copies_only
         image.crop((1, 1, 30, 30)).save(folder / f"{shape}-crop.png")
     draw_shape("circle", "blue", 32).save(folder / "circle-blue.png")  # the same shape in another colour
     draw_shape("square", "red", 32, jitter=2).save(folder / "square-smaller.png")  # another picture of a square
+    for name, colour in (("ring", (229, 57, 53)), ("ring-pink", (216, 27, 96))):  # thin strokes: no flat ink
+        ring = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(ring).ellipse((5, 5, 26, 26), outline=colour, width=2)
+        ring.save(folder / f"{name}.png")
+        if name == "ring":
+            ring.save(folder / "ring-jpeg.jpg", format="JPEG", quality=20)
     index.build_index(tiny_clip_run, folder, tmp_path / "index", num_workers=0)
     (folder / "cross-crop.png").unlink()  # gone since indexing: left out
     with Index.open(tmp_path / "index") as opened:
@@ -173,7 +179,8 @@ def test_find_duplicates_on_the_pixels_groups_each_original_with_its_copies_only
     for shape in ("circle", "square", "triangle", "cross"):
         copies = {shape, f"{shape}-mirrored", f"{shape}-jpeg", f"{shape}-crop"} & indexed - {"cross-crop"}
         assert sorted(copies) in stems, stems
-    assert not any("circle-blue" in group or "square-smaller" in group for group in stems)
+    assert ["ring", "ring-jpeg"] in stems  # the pink ring: another colour by its ink, and not what the JPEG holds
+    assert not any(other in group for group in stems for other in ("circle-blue", "square-smaller", "ring-pink"))
     for group in report["groups"]:
         if group["max_pixel_distance"] is not None:
             assert 0 <= group["max_pixel_distance"] <= duplicates.pixel_match.PIXEL_THRESHOLD

@@ -95,3 +95,59 @@ def test_flat_regions_tell_a_recolour_from_a_copy():
     assert accepted.tolist() == [False, True, True, True, True]  # the recolour is refused, every copy kept
     thin = [icon("cross"), icon("cross", colour="blue")]  # strokes of 9 px: flat ink in both, colours apart
     assert np.isfinite(pixel_match.colour_differences(pixel_match.thumbnails(thin), np.array([[0, 1]]))).all()
+
+
+def ring(colour: tuple[int, int, int], size: int = 32) -> Image.Image:
+    """A thin ring (2 px strokes): no flat ink for step 3, so only the ink direction or re-encoding tell colours."""
+    image = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(image).ellipse((5, 5, size - 6, size - 6), outline=colour, width=2)
+    return image
+
+
+RED, PINK = (229, 57, 53), (216, 27, 96)  # the icon palette's nearest two colours
+
+
+def test_the_ink_direction_keeps_lossless_copies_and_refuses_a_recolour():
+    red = ring(RED)
+    images = [red, ring(PINK), *(copy for kind, copy in copies(red).items() if kind != "jpeg")]
+    thumbs = pixel_match.thumbnails(images)
+    pairs = np.array([[0, row] for row in range(1, len(images))])
+    angles = pixel_match.ink_angles(thumbs, pairs)
+    assert angles[0] > pixel_match.INK_ANGLE_THRESHOLD and (angles[1:] <= pixel_match.INK_ANGLE_THRESHOLD).all()
+    assert pixel_match.pixel_distances(thumbs, pairs)[0] <= pixel_match.PIXEL_THRESHOLD  # steps 2, 3 let it pass
+    lossless = np.ones(len(images), dtype=bool)
+    assert pixel_match.matches(thumbs, pairs)[0].tolist() == [True, True, True, True]  # formats unknown: no step 4
+    assert pixel_match.matches(thumbs, pairs, lossless=lossless)[0].tolist() == [False, True, True, True]
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))  # no plain border
+    blank = Image.new("RGB", (32, 32), "white")  # no ink
+    thumbs = pixel_match.thumbnails([red, photo, blank])
+    assert np.isnan(pixel_match.ink_angles(thumbs, np.array([[0, 1], [0, 2]]))).all()
+
+
+def saved_jpeg(image: Image.Image, quality: int = 20) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_a_jpeg_is_its_original_saved_alike_and_not_a_recolour():
+    red, pink = ring(RED), ring(PINK)
+    copy = saved_jpeg(red)
+    settings = pixel_match.jpeg_settings(copy)
+    assert settings is not None and settings["mode"] == "RGB"
+    assert pixel_match.reencoding_distance(red, copy, settings) == 0.0
+    mirrored = red.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # the JPEG of a mirrored copy's original
+    assert pixel_match.reencoding_distance(mirrored, copy, settings) <= pixel_match.REENCODE_THRESHOLD
+    assert pixel_match.reencoding_distance(pink, copy, settings) > pixel_match.REENCODE_THRESHOLD
+    thumbs = pixel_match.thumbnails([pink, copy])  # what steps 2 and 3 see: not enough to refuse it
+    assert pixel_match.matches(thumbs, np.array([[0, 1]]))[0].tolist() == [True]
+    grey = saved_jpeg(red.convert("L"))
+    assert pixel_match.reencoding_distance(red, grey, pixel_match.jpeg_settings(grey)) == 0.0
+    assert pixel_match.jpeg_settings(red) is None  # not a JPEG
+    exif = Image.Exif()
+    exif[pixel_match.EXIF_ORIENTATION] = 6  # shown turned a quarter
+    buffer = io.BytesIO()
+    red.save(buffer, format="JPEG", quality=20, exif=exif)
+    assert pixel_match.jpeg_settings(Image.open(buffer)) is None
+    with pytest.raises(ValueError, match="sizes differ"):
+        pixel_match.reencoding_distance(red.resize((24, 24)), copy, settings)

@@ -4,8 +4,9 @@ Two methods, and the groups are the connected components of the pairs either acc
 - "clip": the pairs whose CLIP embeddings are closer than a cosine threshold, from the faiss index itself (a range
   search per batch of stored vectors, as clip-retrieval's `deduplicate` does), never from all N^2 pairs;
 - "pixels" (the default): those pairs and each image's nearest neighbours by a perceptual descriptor are
-  candidates, and a candidate is accepted when the pixels agree after the best of six alignments and its flat
-  regions have one colour (`pixel_match`). A caption-trained CLIP puts two icons of one family, or one icon in
+  candidates, and a candidate is accepted when the pixels agree after the best of six alignments, its flat
+  regions have one colour and, for a JPEG beside a lossless image of its size, the JPEG is that image saved with
+  the JPEG's own settings (`pixel_match`). A caption-trained CLIP puts two icons of one family, or one icon in
   two colours, as close together as a JPEG copy is to its original; the pixels tell them apart far better
   (benchmarks/RESULTS.md).
   It reads every stored image once; an image that can no longer be read is left out and counted.
@@ -19,11 +20,13 @@ DEFAULT_THRESHOLD and pixel_match.PIXEL_THRESHOLD are calibrated on copies of th
 
 from __future__ import annotations
 
+import io
 import tarfile
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from ..transforms import BadImage, decode_image
@@ -34,6 +37,8 @@ DEFAULT_THRESHOLD = 0.97  # cosine: the F1-best on copies of the validation icon
 QUERY_BATCH = 1024  # stored vectors sent to the faiss range search at once
 KNN_FALLBACK = 64  # neighbours per image for faiss indexes without a range search
 METHODS = ("pixels", "clip")
+JPEG_START = b"\xff\xd8\xff"  # the first bytes of every JPEG file
+LOSSLESS_STARTS = (b"\x89PNG", b"BM", b"GIF8")  # PNG, BMP, GIF: their pixels are the picture as it was saved
 
 
 def pairs_above(faiss_index: Any, ids: np.ndarray, embeddings: np.ndarray, threshold: float) -> tuple:
@@ -86,37 +91,86 @@ def group_pairs(pairs: np.ndarray) -> list[list[int]]:
     return sorted((sorted(members) for members in groups.values()), key=lambda members: (-len(members), members[0]))
 
 
-def stored_thumbnails(index: Any, ids: np.ndarray, progress: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """(thumbnails (N, 3, S, S) uint8, readable (N,) bool) of the stored images `ids`, read back from where the
-    index found them, one at a time; an image that is gone or no longer decodes gets a white thumbnail and
-    readable False."""
+def stored_thumbnails(index: Any, ids: np.ndarray, progress: bool = False) -> dict:
+    """The stored images `ids`, read back from where the index found them, one at a time: {"thumbs" (N, 3, S, S)
+    uint8, "readable" (N,) bool, "sizes" (N, 2) width and height, "jpeg" (N,) bool: a JPEG whose saving
+    `pixel_match.jpeg_settings` can repeat, "lossless" (N,) bool: a PNG, BMP or GIF}. An image that is gone or
+    no longer decodes gets a white thumbnail and readable False."""
     with index.lock:
         rows = index.rows(ids.tolist())
     data = index.info.get("data", [])
     size = pixel_match.THUMB_SIZE
     thumbs = np.full((len(ids), size, size, 3), 255, dtype=np.uint8)  # (N, S, S, 3)
-    readable = np.zeros(len(ids), dtype=bool)
+    readable, jpeg, lossless = (np.zeros(len(ids), dtype=bool) for _ in range(3))
+    sizes = np.zeros((len(ids), 2), dtype=np.int64)
     for number, image_id in enumerate(tqdm(ids.tolist(), desc="reading images", unit="img", disable=not progress)):
         try:
-            thumbs[number] = pixel_match.thumbnail(decode_image(read_image(rows[image_id]["path"], data)))
+            encoded = read_image(rows[image_id]["path"], data)
+            image = decode_image(encoded)
+            thumbs[number], sizes[number] = pixel_match.thumbnail(image), image.size
+            jpeg[number] = encoded[:3] == JPEG_START and repeatable_jpeg(encoded) is not None
+            lossless[number] = encoded.startswith(LOSSLESS_STARTS)
             readable[number] = True
         except (OSError, KeyError, BadImage, tarfile.TarError, EOFError):
             continue
-    return torch.from_numpy(thumbs).permute(0, 3, 1, 2).contiguous(), readable  # (N, 3, S, S)
+    thumbs = torch.from_numpy(thumbs).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+    return {"thumbs": thumbs, "readable": readable, "sizes": sizes, "jpeg": jpeg, "lossless": lossless}
+
+
+def repeatable_jpeg(encoded: bytes) -> dict | None:
+    """`pixel_match.jpeg_settings` of a JPEG file's bytes; None where the header or its EXIF does not parse."""
+    try:
+        return pixel_match.jpeg_settings(Image.open(io.BytesIO(encoded)))
+    except Exception:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ... on a damaged header
+        return None
+
+
+def reencoding_agrees(index: Any, ids: np.ndarray, pairs: np.ndarray, stored: dict) -> np.ndarray:
+    """(P,) bool for pairs of row numbers (P, 2): False where one image is a JPEG, the other a lossless image of
+    the same size, and the JPEG is not that image saved with its own settings (`pixel_match` step 4); True for
+    every other pair. Only pairs of that kind are read again."""
+    agrees = np.ones(len(pairs), dtype=bool)
+    jpeg, lossless, sizes = stored["jpeg"], stored["lossless"], stored["sizes"]
+    first, second = pairs[:, 0], pairs[:, 1]
+    one_of_each = (jpeg[first] & lossless[second]) | (lossless[first] & jpeg[second])
+    kind = one_of_each & (sizes[first] == sizes[second]).all(axis=1)
+    if not kind.any():
+        return agrees
+    with index.lock:
+        rows = index.rows(ids[np.unique(pairs[kind])].tolist())
+    data = index.info.get("data", [])
+    for number in np.flatnonzero(kind).tolist():
+        first, second = pairs[number].tolist()
+        lossless, compressed = (second, first) if jpeg[first] else (first, second)
+        try:
+            encoded = read_image(rows[int(ids[compressed])]["path"], data)
+            original = decode_image(read_image(rows[int(ids[lossless])]["path"], data))
+            settings = repeatable_jpeg(encoded)
+            if settings is None:  # the file changed since it was read: leave the pair to steps 2 and 3
+                continue
+            distance = pixel_match.reencoding_distance(original, decode_image(encoded), settings)
+        except (OSError, KeyError, ValueError, BadImage, tarfile.TarError, EOFError):
+            continue
+        agrees[number] = distance <= pixel_match.REENCODE_THRESHOLD
+    return agrees
 
 
 def pixel_checked_pairs(index: Any, ids: np.ndarray, clip_pairs: np.ndarray, pixel_threshold: float, progress: bool):
     """(pairs (P, 2) ids, pixel distances (P,), candidates checked, unreadable images): the candidates (each
-    image's descriptor neighbours and the CLIP pairs) that `pixel_match.matches` accepts: within `pixel_threshold`
-    and of one colour. An image that can no longer be read is left out, and counted."""
-    thumbs, readable = stored_thumbnails(index, ids, progress)
+    image's descriptor neighbours and the CLIP pairs) that `pixel_match.matches` accepts (within `pixel_threshold`
+    and of one colour, by the ink's direction too between lossless images) and, for a JPEG beside a lossless image
+    of its size, `reencoding_agrees`. An image that can
+    no longer be read is left out, and counted."""
+    stored = stored_thumbnails(index, ids, progress)
+    thumbs, readable = stored["thumbs"], stored["readable"]
     row_of = {image_id: number for number, image_id in enumerate(ids.tolist())}
     clip_rows = np.array([[row_of[a], row_of[b]] for a, b in clip_pairs.tolist()], dtype=np.int64).reshape(-1, 2)
     clip_rows = clip_rows[readable[clip_rows[:, 0]] & readable[clip_rows[:, 1]]]
     readable_rows = np.flatnonzero(readable)
     neighbours = readable_rows[pixel_match.candidate_pairs(thumbs[torch.from_numpy(readable_rows)])]  # (P, 2) rows
     candidates = np.unique(np.concatenate([neighbours.reshape(-1, 2), clip_rows]), axis=0)
-    accepted, distances = pixel_match.matches(thumbs, candidates, pixel_threshold)
+    accepted, distances = pixel_match.matches(thumbs, candidates, pixel_threshold, lossless=stored["lossless"])
+    accepted[accepted] = reencoding_agrees(index, ids, candidates[accepted], stored)
     return ids[candidates[accepted]].reshape(-1, 2), distances[accepted], len(candidates), int((~readable).sum())
 
 

@@ -2,7 +2,7 @@
 
 A CLIP trained to tell captions apart places two different pictures of one subject (two icons of one family, one
 icon in two colours) as close together as a picture and its JPEG copy, and it places a mirrored copy further away
-than either. Photo de-duplicators settle the question on the pixels, and so does this module, in two steps on
+than either. Photo de-duplicators settle the question on the pixels, and so does this module, in steps on
 small thumbnails of the stored images (the whole image resized to THUMB_SIZE square, so a crop of a non-square
 picture lines up with its original):
 
@@ -20,21 +20,39 @@ picture lines up with its original):
    COLOUR_THRESHOLD: resizing, cropping and mirroring keep a flat region's colour, a recolour does not. (A JPEG
    at low quality shifts thin strokes' colours as far as a neighbouring palette colour, which is why the check
    stays off without flat regions.)
+4. ink colour: where both images are lossless (PNG, BMP, GIF: the caller says which) and drawn on a plain
+   background (most of the border within FLAT_RANGE of its median colour, the same in both), the direction in RGB
+   of the sum over the thumbnail of (pixel - background) is the ink's colour seen from the background, whatever
+   the ink's amount: resizing, cropping to 90 % and mirroring keep it within about 1.3 degrees, while the nearest
+   two colours of the icon palette (red and pink) are 10.9 degrees apart. Such a pair is a near-duplicate only
+   within INK_ANGLE_THRESHOLD;
+5. JPEG: where one image of a pair is a JPEG and the other a lossless image of the same size, a JPEG copy of the
+   lossless one is exactly what saving it with the JPEG's own quantisation tables and chroma subsampling gives.
+   `reencoding_distance` saves it so, as it is and mirrored, and measures the mean per-pixel difference to the
+   JPEG relative to how far the JPEG departs from its background: 0 for a copy saved by this encoder (progressive
+   or not), 0.02 on median for one saved from pixels off by a level or two (another decoder or colour
+   conversion), 0.10 for one saved twice, and 0.78 on median for a recolour, which steps 2 to 4 cannot tell from
+   the colour noise of a low-quality JPEG (up to 15 degrees of ink direction at quality 20 and 32 px). Such a pair
+   is a near-duplicate only within REENCODE_THRESHOLD; a JPEG saved first at high quality and then at low quality
+   passes 81 % of the time (benchmarks/RESULTS.md).
 
     thumbs = thumbnails(images)                      # (N, 3, 32, 32) uint8
     pairs = candidate_pairs(thumbs)                  # (P, 2) row numbers, first < second
-    accepted = matches(thumbs, pairs)                # (P,) bool, with pixel_distances and colour_differences
+    accepted, distances = matches(thumbs, pairs, lossless=lossless)  # (P,) bool: steps 2 to 4
+    reencoding_distance(lossless_image, jpeg_image, jpeg_settings(jpeg_image))  # step 5, on the stored images
 
-PIXEL_THRESHOLD and COLOUR_THRESHOLD are calibrated on copies of the validation icons (benchmarks/RESULTS.md,
-Near-duplicates).
+PIXEL_THRESHOLD, COLOUR_THRESHOLD, INK_ANGLE_THRESHOLD and REENCODE_THRESHOLD are calibrated on copies of the
+validation icons (benchmarks/RESULTS.md, Near-duplicates).
 """
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from ..transforms import RESIZE_FILTER, RESIZE_REDUCING_GAP, to_rgb
 
@@ -49,7 +67,12 @@ FLAT_RANGE = 0.08  # a flat pixel: its 3 x 3 neighbourhood spans less than this 
 INK_CONTRAST = 0.25  # ink: a pixel further than this from the border's median colour in some channel
 MIN_FLAT_PIXELS = 4  # flat ink pixels each image needs for the colour check to apply
 COLOUR_THRESHOLD = 0.15  # largest per-channel difference of the flat ink colours of a near-duplicate
+PLAIN_BORDER = 0.9  # a plain background: this share of the border's pixels within FLAT_RANGE of its median
+MIN_INK = 0.01  # the ink direction needs a mean |pixel - background| (largest channel) of at least this
+INK_ANGLE_THRESHOLD = 5.0  # degrees between the ink directions of a lossless near-duplicate pair
 PAIR_BATCH = 512  # pairs verified at once
+REENCODE_THRESHOLD = 0.22  # largest relative difference between a JPEG and its lossless original saved alike
+EXIF_ORIENTATION = 0x0112
 
 
 def thumbnail(image: Image.Image) -> np.ndarray:
@@ -141,6 +164,15 @@ def pixel_distances(thumbs: torch.Tensor, pairs: np.ndarray) -> np.ndarray:
     return torch.cat(distances).numpy().astype(np.float32)
 
 
+def border_background(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(background (N, 3), plain (N,) bool) of float images (N, 3, S, S): the median colour of each image's border
+    pixels, and whether PLAIN_BORDER of them lie within FLAT_RANGE of it in every channel."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=-1)  # (N,3,4S)
+    background = border.median(dim=-1).values  # (N, 3)
+    near = ((border - background[:, :, None]).abs() < FLAT_RANGE).all(dim=1)  # (N, 4S)
+    return background, near.float().mean(dim=1) >= PLAIN_BORDER
+
+
 def flat_ink_colours(thumbs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(colours (N, 3) float in [0, 1], counts (N,)): the mean colour of each thumbnail's flat ink pixels and how
     many there are (see the module's step 3)."""
@@ -148,8 +180,7 @@ def flat_ink_colours(thumbs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     highest = F.max_pool2d(images, 3, stride=1, padding=1)
     lowest = -F.max_pool2d(-images, 3, stride=1, padding=1)
     flat = ((highest - lowest) < FLAT_RANGE).all(dim=1)  # (N, S, S)
-    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=-1)  # (N,3,4S)
-    background = border.median(dim=-1).values[:, :, None, None]  # (N, 3, 1, 1)
+    background = border_background(images)[0][:, :, None, None]  # (N, 3, 1, 1)
     ink = (images - background).abs().amax(dim=1) > INK_CONTRAST  # (N, S, S)
     weights = (flat & ink).float()[:, None]  # (N, 1, S, S)
     counts = weights.sum(dim=(1, 2, 3))  # (N,)
@@ -167,10 +198,84 @@ def colour_differences(thumbs: torch.Tensor, pairs: np.ndarray) -> np.ndarray:
     return torch.where(enough, differences, torch.full_like(differences, float("nan"))).numpy().astype(np.float32)
 
 
-def matches(thumbs: torch.Tensor, pairs: np.ndarray, pixel_threshold: float = PIXEL_THRESHOLD) -> np.ndarray:
+def ink_angles(thumbs: torch.Tensor, pairs: np.ndarray) -> np.ndarray:
+    """For each pair of row numbers (P, 2): the angle in degrees between the two images' ink directions (the
+    module's step 4), (P,) float32; NaN where either background is not plain, the backgrounds differ by
+    FLAT_RANGE or more in some channel, or either image has less than MIN_INK of ink."""
+    images = _as_float(thumbs)  # (N, 3, S, S)
+    background, plain = border_background(images)
+    deviation = images - background[:, :, None, None]
+    ink = deviation.sum(dim=(2, 3))  # (N, 3)
+    inked = plain & (deviation.abs().amax(dim=1).mean(dim=(1, 2)) >= MIN_INK)  # (N,)
+    first, second = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
+    cosine = F.cosine_similarity(ink[first], ink[second], dim=1).clamp(-1.0, 1.0)  # (P,)
+    angles = torch.rad2deg(torch.arccos(cosine))
+    same_background = ((background[first] - background[second]).abs() < FLAT_RANGE).all(dim=1)
+    applies = inked[first] & inked[second] & same_background
+    return torch.where(applies, angles, torch.full_like(angles, float("nan"))).numpy().astype(np.float32)
+
+
+def matches(
+    thumbs: torch.Tensor,
+    pairs: np.ndarray,
+    pixel_threshold: float = PIXEL_THRESHOLD,
+    lossless: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(accepted (P,) bool, pixel distances (P,) float32): the pairs within `pixel_threshold` whose flat ink
-    colours agree (or that have no flat ink to compare)."""
+    colours agree (or that have no flat ink to compare) and, where `lossless` (N,) bool says both images are
+    lossless, whose ink directions agree within INK_ANGLE_THRESHOLD (or cannot be compared)."""
     distances = pixel_distances(thumbs, pairs)
-    colours = colour_differences(thumbs, pairs) if len(pairs) else np.zeros(0, dtype=np.float32)
-    colour_agrees = ~(colours > COLOUR_THRESHOLD)  # NaN compares False: no flat ink, no colour check
-    return (distances <= pixel_threshold) & colour_agrees, distances
+    if not len(pairs):
+        return np.zeros(0, dtype=bool), distances
+    colour_agrees = ~(colour_differences(thumbs, pairs) > COLOUR_THRESHOLD)  # NaN compares False: no check
+    accepted = (distances <= pixel_threshold) & colour_agrees
+    if lossless is not None:
+        both = lossless[pairs[:, 0]] & lossless[pairs[:, 1]]
+        accepted &= ~(both & (ink_angles(thumbs, pairs) > INK_ANGLE_THRESHOLD))
+    return accepted, distances
+
+
+def jpeg_settings(image: Image.Image) -> dict | None:
+    """How an opened image was saved, if it is a JPEG whose saving can be repeated: {"qtables", "subsampling",
+    "mode" ("RGB" or "L")}; None for any other image (a CMYK JPEG, one of unknown subsampling and one shown turned
+    by its EXIF orientation included)."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L") or not getattr(image, "quantization", None):
+        return None
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # shown turned: its blocks no longer line up with the view
+        return None
+    subsampling = JpegImagePlugin.get_sampling(image) if image.mode == "RGB" else 0
+    if subsampling < 0:
+        return None
+    return {"qtables": image.quantization, "subsampling": subsampling, "mode": image.mode}
+
+
+def saved_like(image: Image.Image, settings: dict) -> Image.Image:
+    """`image` saved as a JPEG with `settings` (from `jpeg_settings`) and decoded again, in the JPEG's mode."""
+    buffer = io.BytesIO()
+    image.convert(settings["mode"]).save(
+        buffer, format="JPEG", qtables=settings["qtables"], subsampling=settings["subsampling"]
+    )
+    return Image.open(io.BytesIO(buffer.getvalue())).convert(settings["mode"])
+
+
+def reencoding_distance(lossless: Image.Image, jpeg: Image.Image, settings: dict) -> float:
+    """Step 5: how far `jpeg` (opened, with its `jpeg_settings`) is from `lossless` (the same size) saved with
+    those settings, as it is or mirrored, whichever is nearer: the mean over pixels of the largest per-channel
+    difference, relative to the mean over pixels of the JPEG's largest per-channel departure from its border's
+    median colour (how much picture there is to differ), >= 0. A recolour differs wherever there is ink, whatever
+    the strokes' width; a copy from another encoder differs by a level or two here and there."""
+    if lossless.size != jpeg.size:
+        raise ValueError(f"reencoding_distance: sizes differ ({lossless.size} and {jpeg.size})")
+
+    def as_tensor(image: Image.Image) -> torch.Tensor:  # (1, C, H, W) float in [0, 1]
+        pixels = np.asarray(image.convert(settings["mode"]), dtype=np.float32) / 255.0
+        return torch.from_numpy(pixels.reshape(pixels.shape[0], pixels.shape[1], -1)).permute(2, 0, 1)[None]
+
+    target = as_tensor(jpeg)
+    background = border_background(target)[0][:, :, None, None]  # (1, C, 1, 1)
+    picture = float((target - background).abs().amax(dim=1).mean())
+    best = float("inf")
+    for candidate in (lossless, lossless.transpose(Image.Transpose.FLIP_LEFT_RIGHT)):
+        difference = (as_tensor(saved_like(candidate, settings)) - target).abs().amax(dim=1).mean()
+        best = min(best, float(difference))
+    return best / max(picture, 1 / 255)
