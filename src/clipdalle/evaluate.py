@@ -19,7 +19,7 @@ from .models import captioner, dalle, dvae
 from .models.clip import contrastive_loss, siglip_loss
 from .pretrained import load
 from .runtime import eval_mode, unwrap
-from .transforms import colour_ramp, make_grid
+from .transforms import colour_ramp, make_grid, resize_images
 from .zero_shot import classify, encode_images, label_features
 
 PICTURE_IMAGES = 8  # images shown in a dVAE reconstruction picture
@@ -101,10 +101,13 @@ def vae_picture(model: nn.Module, batches: list[dict], count: int = PICTURE_IMAG
 
 @torch.no_grad()
 def clip_features(model: nn.Module, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image_features, text_features), each (N, D) float, of all validation pairs."""
+    """(image_features, text_features), each (N, D) float, of all validation pairs; images of another size than
+    the model's input are resized (`transforms.resize_images`), as for a pretrained CLIP on a collection's own."""
     batches = _nonempty(batches, "clip_features")
     with eval_mode(model) as model:
-        image_features = torch.cat([model.encode_image(batch["images"]) for batch in batches]).float()
+        size = unwrap(model).config.image_size
+        image_features = torch.cat([model.encode_image(resize_images(batch["images"], size)) for batch in batches])
+        image_features = image_features.float()
         text_features = torch.cat([model.encode_text(batch["text"]) for batch in batches]).float()
     return image_features, text_features
 

@@ -29,7 +29,6 @@ import torch
 from .. import checkpoint, evaluate, pretrained
 from ..data.loader import SampleStream, make_loader
 from ..data.sources import open_source
-from ..transforms import resize_images
 from ..zero_shot import encode_images, encode_texts, label_features
 from .evaluation import (
     GENERATION_BATCH,
@@ -166,7 +165,7 @@ def loss_figures(
     ]
     clip_batches = [
         {
-            "images": resize_images(images[start : start + 256], clip_model.config.image_size),  # a CLIP by name
+            "images": images[start : start + 256],
             "text": clip_tokenizer(captions[start : start + 256], clip_model.config.context_length),
         }
         for start in range(0, len(captions), 256)

@@ -5,11 +5,12 @@ Two methods, and the groups are the connected components of the pairs either acc
   search per batch of stored vectors, as clip-retrieval's `deduplicate` does), never from all N^2 pairs;
 - "pixels" (the default): those pairs and each image's nearest neighbours by a perceptual descriptor are
   candidates, and a candidate is accepted when the pixels agree after the best of six alignments, its flat
-  regions have one colour and, for a JPEG beside a lossless image of its size, the JPEG is that image saved with
-  the JPEG's own settings (`pixel_match`). A caption-trained CLIP puts two icons of one family, or one icon in
-  two colours, as close together as a JPEG copy is to its original; the pixels tell them apart far better
-  (benchmarks/RESULTS.md).
-  It reads every stored image once; an image that can no longer be read is left out and counted.
+  regions have one colour, two lossless files have one ink colour and, for a JPEG beside a lossless image of its
+  size, the JPEG is that image saved with the JPEG's own settings (`pixel_match`). A caption-trained CLIP puts
+  two icons of one family, or one icon in two colours, as close together as a JPEG copy is to its original; the
+  pixels tell them apart far better (benchmarks/RESULTS.md).
+  It reads every stored image once, and the two of each JPEG-and-lossless candidate pair once more; an image that
+  can no longer be read is left out and counted.
 
     find_duplicates(index)                      # {"method", "threshold", "images", "pairs", "groups": [...]}
     find_duplicates(index, 0.95, method="clip")
@@ -127,29 +128,39 @@ def repeatable_jpeg(encoded: bytes) -> dict | None:
 
 def reencoding_agrees(index: Any, ids: np.ndarray, pairs: np.ndarray, stored: dict) -> np.ndarray:
     """(P,) bool for pairs of row numbers (P, 2): False where one image is a JPEG, the other a lossless image of
-    the same size, and the JPEG is not that image saved with its own settings (`pixel_match` step 4); True for
-    every other pair. Only pairs of that kind are read again."""
+    the same size, and the JPEG is not that image saved with its own settings (`pixel_match` step 5); True for
+    every other pair. Only the images of pairs of that kind are read again, each once."""
     agrees = np.ones(len(pairs), dtype=bool)
     jpeg, lossless, sizes = stored["jpeg"], stored["lossless"], stored["sizes"]
-    first, second = pairs[:, 0], pairs[:, 1]
-    one_of_each = (jpeg[first] & lossless[second]) | (lossless[first] & jpeg[second])
-    kind = one_of_each & (sizes[first] == sizes[second]).all(axis=1)
+    left, right = pairs[:, 0], pairs[:, 1]
+    one_of_each = (jpeg[left] & lossless[right]) | (lossless[left] & jpeg[right])
+    kind = one_of_each & (sizes[left] == sizes[right]).all(axis=1)
     if not kind.any():
         return agrees
     with index.lock:
         rows = index.rows(ids[np.unique(pairs[kind])].tolist())
     data = index.info.get("data", [])
+    encoded: dict[int, bytes | None] = {}
+
+    def read(row: int) -> bytes | None:  # an image's bytes, None once it can no longer be read
+        if row not in encoded:
+            try:
+                encoded[row] = read_image(rows[int(ids[row])]["path"], data)
+            except (OSError, KeyError, tarfile.TarError, EOFError):
+                encoded[row] = None
+        return encoded[row]
+
     for number in np.flatnonzero(kind).tolist():
         first, second = pairs[number].tolist()
-        lossless, compressed = (second, first) if jpeg[first] else (first, second)
+        original_row, jpeg_row = (second, first) if jpeg[first] else (first, second)
+        original_bytes, jpeg_bytes = read(original_row), read(jpeg_row)
+        settings = None if jpeg_bytes is None else repeatable_jpeg(jpeg_bytes)
+        if original_bytes is None or settings is None:  # gone or changed since: leave the pair to steps 2 to 4
+            continue
         try:
-            encoded = read_image(rows[int(ids[compressed])]["path"], data)
-            original = decode_image(read_image(rows[int(ids[lossless])]["path"], data))
-            settings = repeatable_jpeg(encoded)
-            if settings is None:  # the file changed since it was read: leave the pair to steps 2 and 3
-                continue
-            distance = pixel_match.reencoding_distance(original, decode_image(encoded), settings)
-        except (OSError, KeyError, ValueError, BadImage, tarfile.TarError, EOFError):
+            original, compressed = decode_image(original_bytes), decode_image(jpeg_bytes)
+            distance = pixel_match.reencoding_distance(original, compressed, settings)
+        except (BadImage, ValueError):  # no longer decodes, or no longer the same size
             continue
         agrees[number] = distance <= pixel_match.REENCODE_THRESHOLD
     return agrees
@@ -159,8 +170,7 @@ def pixel_checked_pairs(index: Any, ids: np.ndarray, clip_pairs: np.ndarray, pix
     """(pairs (P, 2) ids, pixel distances (P,), candidates checked, unreadable images): the candidates (each
     image's descriptor neighbours and the CLIP pairs) that `pixel_match.matches` accepts (within `pixel_threshold`
     and of one colour, by the ink's direction too between lossless images) and, for a JPEG beside a lossless image
-    of its size, `reencoding_agrees`. An image that can
-    no longer be read is left out, and counted."""
+    of its size, `reencoding_agrees`. An image that can no longer be read is left out, and counted."""
     stored = stored_thumbnails(index, ids, progress)
     thumbs, readable = stored["thumbs"], stored["readable"]
     row_of = {image_id: number for number, image_id in enumerate(ids.tolist())}

@@ -2,9 +2,9 @@
 
 A CLIP trained to tell captions apart places two different pictures of one subject (two icons of one family, one
 icon in two colours) as close together as a picture and its JPEG copy, and it places a mirrored copy further away
-than either. Photo de-duplicators settle the question on the pixels, and so does this module, in steps on
+than either. Photo de-duplicators settle the question on the pixels, and so does this module: steps 1 to 4 on
 small thumbnails of the stored images (the whole image resized to THUMB_SIZE square, so a crop of a non-square
-picture lines up with its original):
+picture lines up with its original), step 5 on the stored files themselves:
 
 1. candidates: each image's CANDIDATES nearest neighbours by a perceptual descriptor, the thumbnail blurred and
    pooled to DESCRIPTOR_SIDE x DESCRIPTOR_SIDE (a perceptual hash with real values), searched in a faiss flat
