@@ -3,6 +3,12 @@ does on the very same samples: the named icon's shape and the prompt's colour, p
 
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip runs/clip-wide
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --ensemble
+    .venv/bin/python benchmarks/rerank_experiment.py runs/demo/seeds/seed-1/eval/samples.pt runs/demo/clip --seed 1
+
+Besides the colour and rank-1 figures, each row gives the verdicts of the quality bar's three "reranking helps" targets
+(colour, shape, CLIP R-precision; `clipdalle.demo.evaluation.quality_bar`) with the candidate CLIP choosing the kept
+sample and judging R-precision, as the demo's evaluation would with it. `--seed` is the evaluation seed the samples
+were drawn with (it seeds the bootstrap and R-precision's draws, as in the demo).
 
 `samples.pt` is written by the demo's evaluation (clipdalle.demo.evaluation.save_samples): every sample of every
 prompt with the judges' verdicts, so only the choice of the kept sample changes between rows. Intervals are 95 %
@@ -17,7 +23,13 @@ from pathlib import Path
 import torch
 
 from clipdalle.data import icons
-from clipdalle.demo.evaluation import set_intervals
+from clipdalle.demo.evaluation import (
+    R_PRECISION_R,
+    r_precision_hits,
+    rank_summary,
+    set_intervals,
+    shape_reranking_helps,
+)
 from clipdalle.pretrained import load
 from clipdalle.zero_shot import encode_images, encode_texts
 
@@ -32,7 +44,7 @@ def prompt_features(model, tokenizer, names: list[str], colours: list[str], ense
     return torch.nn.functional.normalize(flat.view(len(names), count, -1).mean(1), dim=-1)
 
 
-def rescore(samples: dict, clip: str, ensemble: bool) -> dict[str, dict]:
+def rescore(samples: dict, clip: str, ensemble: bool, seed: int = 0) -> dict[str, dict]:
     model, _, tokenizer = load(clip)
     rows = {}
     for split, values in samples.items():
@@ -41,12 +53,19 @@ def rescore(samples: dict, clip: str, ensemble: bool) -> dict[str, dict]:
         with torch.no_grad():
             features = encode_images(model, images.flatten(0, 1)).view(P, n, -1)  # (P, n, D)
             text = prompt_features(model, tokenizer, values["names"], values["colours"], ensemble)  # (P, D)
+            plain = prompt_features(model, tokenizer, values["names"], values["colours"], False)  # R-precision's
         scores = (features * text[:, None]).sum(-1)  # (P, n)
         kept = scores.argmax(1)  # (P,)
         hits, ranks = values["hits"], values["ranks"]
         index = torch.arange(P)
-        ones = torch.ones(P, dtype=torch.bool)
-        intervals = set_intervals(hits, ranks, kept, ones, hits, seed=0)
+        similarity = features.flatten(0, 1) @ plain.T  # (P*n, P)
+        truth = index.repeat_interleave(n)
+        kept_rows = index * n + kept
+        kept_hits = r_precision_hits(similarity[kept_rows], truth[kept_rows], R_PRECISION_R, seed)  # (P,)
+        random_hits = r_precision_hits(similarity, truth, R_PRECISION_R, seed).view(P, n)  # (P, n)
+        intervals = set_intervals(hits, ranks, kept, kept_hits, random_hits, seed)
+        best, per_sample = rank_summary(ranks[index, kept]), rank_summary(ranks)
+        colour_kept = float(hits[index, kept].double().mean())
         rows[split] = {
             "colour": (float(hits.double().mean()), float(hits[index, kept].double().mean())),
             "rank1": (float((ranks <= 1).double().mean()), float((ranks[index, kept] <= 1).double().mean())),
@@ -54,6 +73,12 @@ def rescore(samples: dict, clip: str, ensemble: bool) -> dict[str, dict]:
             "oracle_rank1": float((ranks.min(1).values <= 1).double().mean()),
             "rank1_gain": intervals["shape_within_1_gain"],
             "colour_gain": intervals["colour_gain"],
+            "median": (per_sample["median"], best["median"]),
+            "helps": {
+                "colour": intervals["colour_gain"][0] > 0 or colour_kept == 1.0,
+                "shape": shape_reranking_helps(best, per_sample, intervals),
+                "R-precision": intervals["r_precision_gain"][0] > 0,
+            },
         }
     return rows
 
@@ -63,6 +88,7 @@ def main() -> None:
     parser.add_argument("samples", type=Path, help="OUT/eval/samples.pt of a demo evaluation")
     parser.add_argument("clips", nargs="+", help="CLIP runs (or anything clipdalle.pretrained.load reads)")
     parser.add_argument("--ensemble", action="store_true", help="score with the mean of the five caption phrasings")
+    parser.add_argument("--seed", type=int, default=0, help="the evaluation seed the samples were drawn with")
     args = parser.parse_args()
     samples = torch.load(args.samples, weights_only=True)
     print(
@@ -70,17 +96,19 @@ def main() -> None:
         + ", ".join(f"{split} {len(v['names'])} prompts x {v['hits'].shape[1]}" for split, v in samples.items())
     )
     columns = ["CLIP", "set", "colour per sample / kept", "gain 95 % CI", "rank 1 per sample / kept", "gain 95 % CI"]
-    columns += ["top 10 per sample / kept", "oracle rank 1"]
+    columns += ["top 10 per sample / kept", "oracle rank 1", "median rank per sample / kept", "reranking helps"]
     print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|" + "---|" * len(columns))
     for clip in args.clips:
-        for split, row in rescore(samples, clip, args.ensemble).items():
+        for split, row in rescore(samples, clip, args.ensemble, args.seed).items():
             pct = lambda pair: f"{100 * pair[0]:.1f} / {100 * pair[1]:.1f} %"  # noqa: E731
             gap = lambda pair: f"{100 * pair[0]:+.1f} .. {100 * pair[1]:+.1f}"  # noqa: E731
             print(
                 f"| {clip}{' (ensemble)' if args.ensemble else ''} | {split} | {pct(row['colour'])} | "
                 f"{gap(row['colour_gain'])} | {pct(row['rank1'])} | {gap(row['rank1_gain'])} | {pct(row['top10'])} | "
-                f"{100 * row['oracle_rank1']:.1f} % |"
+                f"{100 * row['oracle_rank1']:.1f} % | {row['median'][0]:g} / {row['median'][1]:g} | "
+                + ", ".join(f"{target} {'yes' if met else 'NO'}" for target, met in row["helps"].items())
+                + " |"
             )
 
 

@@ -41,7 +41,7 @@ def valid_options(parser: argparse.ArgumentParser) -> str:
 def cmd_data_icons(args: argparse.Namespace) -> None:
     from .data.icons import build_icons
 
-    counts = build_icons(args.out, size=args.size, colours=args.colours)["counts"]
+    counts = build_icons(args.out, size=args.size, colours=args.colours, captions=args.captions)["counts"]
     print(
         f"wrote {counts['train_images'] + counts['val_images']} images of {counts['icons']} icons to {args.out} "
         f"({counts['val_icons']} icons held out for validation)"
@@ -813,6 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
     icons.add_argument("--out", required=True, help="output folder (train/*.tar, val/*.tar, metadata.jsonl)")
     icons.add_argument("--size", type=int, default=32, choices=(32, 64, 128), help="image size in pixels")
     icons.add_argument("--colours", type=int, default=8, choices=range(1, 9), metavar="1-8", help="palette colours")
+    icons.add_argument(
+        "--captions", default="full", choices=("full", "colour"),
+        help="full: the icon and its colour ('a red icon of a heart'); colour: the colour alone ('a red icon')",
+    )
 
     tokenizer = commands.add_parser("tokenizer", help="caption tokenizer").add_subparsers(dest="what", required=True)
     tok_train = command(tokenizer, "train", cmd_tokenizer_train, "train a byte-level BPE on a dataset's captions")

@@ -14,6 +14,7 @@ from clipdalle.data.icons import (
     PALETTE,
     build_icons,
     captions_for,
+    colour_captions,
     colourise,
     dominant_colour,
     family_of,
@@ -177,6 +178,24 @@ def test_build_icons_writes_readable_shards_and_metadata(tmp_path):
     assert all(line["captions"] == captions_for(line["icon"], line["colour"]) for line in lines)
     split_file = json.loads((out / "split.json").read_text())
     assert split_file["train"] == sorted(train) and split_file["val"] == sorted(val) and "sha1" in split_file["rule"]
+
+
+def test_colour_captions_name_the_colour_alone_and_a_build_records_its_caption_kind(tmp_path):
+    assert colour_captions("orange") == ["an orange icon", "orange icon", "an icon in orange"]
+    assert colour_captions("pink")[0] == "a pink icon"
+    train, val = _subset()
+    out = tmp_path / "colour"
+    info = build_icons(out, size=16, colours=2, progress=False, names=train, captions="colour")
+    assert info["captions"] == "colour" and info["counts"]["train_images"] == 6 and info["counts"]["val_images"] == 0
+    samples = _read_shards(sorted((out / "train").glob("*.tar")))
+    assert {members["txt"].decode() for members in samples.values()} == {
+        "\n".join(colour_captions(colour)) for colour in info["colours"]
+    }
+    assert is_complete(out, captions="colour") and not is_complete(out, captions="full")
+    full = build_icons(tmp_path / "full", size=16, colours=2, progress=False, names=train)
+    assert full["captions"] == "full" and is_complete(tmp_path / "full", captions="full")
+    with pytest.raises(ValueError, match="captions must be one of full, colour, got 'shape'"):
+        build_icons(tmp_path / "bad", size=16, colours=2, progress=False, names=train, captions="shape")
 
 
 def test_build_is_reproducible_and_a_damaged_build_is_detected_and_redone(tmp_path):

@@ -4,6 +4,7 @@ pipeline with its one-line error."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,7 @@ def tiny_spec(dalle_train=None, clip_model=None, vae_train=None):
             "model": {"image_size": 16, "vision_patch_size": 4, **(clip_model or {})},
             "train": {"steps": 20, **QUIET},
             "oversample_dalle_icons": 2,  # CLIP also reads DALL·E's icons, twice an epoch
+            "colour_captions": 1,  # and those icons once more, captioned by their colour alone
         },
         "dalle": {"preset": "tiny", "families": 3, "train": {"steps": 20, **QUIET, **(dalle_train or {})}},
         "eval": {"prompts": 4, "samples": 4, "seed": 0},
@@ -88,6 +90,11 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
         assert (out / "logs" / f"{run}.log").read_text().count("\n") > 2
     clip_command = (out / "logs" / "clip.log").read_text().splitlines()[0]
     assert f"--extra-data {summary['dalle_data']}:2" in clip_command  # the subset DALL·E trains on, mixed in
+    colour_data = re.search(r"--extra-data (\S+-colour):1", clip_command)  # DALL·E's training icons, by colour
+    colour_lines = [json.loads(line) for line in (Path(colour_data[1]) / "metadata.jsonl").read_text().splitlines()]
+    assert colour_lines and all(line["captions"] == icons.colour_captions(line["colour"]) for line in colour_lines)
+    dalle_names = json.loads((out / "dalle" / "subset.json").read_text())["names"]
+    assert {line["icon"] for line in colour_lines} == set(dalle_names)
     # dVAE and CLIP overlapped in time: the stage took less than the two processes one after the other
     timings, jobs = json.loads((out / "timings.json").read_text()), summary["jobs_s"]
     assert list(timings) == STAGES  # one entry per stage: they add up to the pipeline's time
@@ -190,6 +197,10 @@ def test_pipeline_preset_errors_name_what_does_not_fit():
         icon_collection.pipeline_configs(spec, "p")
     with pytest.raises(ValueError, match="unknown section.*stages"):
         icon_collection.pipeline_configs({**tiny_spec(), "stages": []}, "p")
+    spec = tiny_spec()
+    spec["clip"]["colour_captions"] = "often"
+    with pytest.raises(ValueError, match="clip colour_captions must be the repeats per epoch.*'often'"):
+        icon_collection.pipeline_configs(spec, "p")
 
 
 def test_dalle_icons_follow_the_preset_rule():

@@ -9,7 +9,11 @@ as WebDataset shards with its captions.
     OUT/val/icons-NNNNN.tar     KEY = "{icon}__{colour}", e.g. "account-circle-outline__red"
     OUT/split.json              {"train": [icons], "val": [icons], "rule": "..."}
     OUT/metadata.jsonl          one line per image: key, icon, colour, split, captions
-    OUT/info.json               size, colours, counts, font, shards; written last: its presence marks a whole build
+    OUT/info.json               size, colours, counts, captions, font, shards; written last: its presence marks a
+                                whole build
+
+A build's captions are "full" (the icon and its colour, `captions_for`) or "colour" (the colour alone,
+`colour_captions`: "a pink icon"), the extra data that teaches the demo's CLIP bare colour prompts.
 
 The train/val split is by icon *family* (the name without modifier words such as "outline" or "off"), so the
 validation icons are shapes whose variants were never seen in training. The colour judge (`foreground_mask`,
@@ -37,6 +41,7 @@ FONT_FILE = f"materialdesignicons6-webfont-{FONT_VERSION}.ttf"
 CHARMAP_FILE = f"materialdesignicons6-webfont-charmap-{FONT_VERSION}.json"
 INSTALL_HINT = "pip install qtawesome==1.4.2"
 FORMAT_VERSION = 1
+CAPTION_KINDS = ("full", "colour")  # build_icons(captions=...): the icon and its colour, or the colour alone
 
 # ML6's eight colours (Material Design 600 shades, black as grey 900); `colours=N` takes the first N.
 PALETTE = {
@@ -194,6 +199,15 @@ def captions_for(name: str, colour: str) -> list[str]:
     ]
 
 
+def colour_captions(colour: str) -> list[str]:
+    """Three phrasings that name only the colour, as a person asks for a colour: "a pink icon", "pink icon", "an
+    icon in pink". A CLIP that reads only full captions learns to tell colours apart next to an icon's name; these
+    teach it the bare colour prompt too (zero-shot colour, `demo.json`'s `colour_captions`)."""
+    if not colour:
+        raise ValueError(f"captions need a colour word, got colour={colour!r}")
+    return [f"{_article(colour)} {colour} icon", f"{colour} icon", f"an icon in {colour}"]
+
+
 # ------------------------------------------------------------------------------------------ rendering
 
 
@@ -307,18 +321,22 @@ def build_icons(
     shard_size: int = 5000,
     progress: bool = True,
     names: list[str] | None = None,
+    captions: str = "full",
 ) -> dict:
     """Builds the dataset into `out` (see the module docstring) and returns the contents of info.json.
 
     `names` restricts the build to some icons (the demo's DALL·E subset of training families, tests); each keeps
-    its split. By default all 7,367 are drawn in the first `colours` palette colours. Any previous build in `out`
-    is removed first.
+    its split. By default all 7,367 are drawn in the first `colours` palette colours. `captions` is "full" (the
+    icon and its colour) or "colour" (the colour alone). Any previous build in `out` is removed first.
     """
     from tqdm import tqdm
 
     out = Path(out)
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1 sample, got {shard_size}")
+    if captions not in CAPTION_KINDS:
+        raise ValueError(f"captions must be one of {', '.join(CAPTION_KINDS)}, got {captions!r}")
+    caption = captions_for if captions == "full" else lambda icon, colour: colour_captions(colour)
     palette = palette_rgb(colours)
     colour_names = list(PALETTE)[:colours]
     names = sorted(set(_check_names(icon_names() if names is None else names)))
@@ -336,6 +354,7 @@ def build_icons(
     metadata_lines = []
     bar = tqdm(total=len(names) * colours, desc="icons", unit="img", disable=not progress)
     for split, icon_indices in splits.items():
+        (out / split).mkdir(exist_ok=True)  # both splits, even an empty one: the layout readers look for
         icon_indices = np.array(icon_indices, dtype=np.int64)
         pairs = np.stack(np.meshgrid(icon_indices, np.arange(colours), indexing="ij"), axis=-1)  # (icons, colours, 2)
         pairs = pairs.reshape(-1, 2)  # (icons * colours, 2): (icon index, colour index)
@@ -347,16 +366,16 @@ def build_icons(
                 for (icon_index, colour_index), pixels in zip(chunk.tolist(), images):
                     icon, colour = names[icon_index], colour_names[colour_index]
                     key = f"{icon}__{colour}"
-                    captions = captions_for(icon, colour)
+                    texts = caption(icon, colour)
                     writer.write(
                         key,
                         {
                             "png": _png_bytes(pixels),
-                            "txt": "\n".join(captions),
+                            "txt": "\n".join(texts),
                             "json": json.dumps({"icon": icon, "colour": colour}),
                         },
                     )
-                    line = {"key": key, "icon": icon, "colour": colour, "split": split, "captions": captions}
+                    line = {"key": key, "icon": icon, "colour": colour, "split": split, "captions": texts}
                     metadata_lines.append(json.dumps(line))
                 bar.update(len(chunk))
         shards[split] = [
@@ -384,6 +403,7 @@ def build_icons(
             "train_images": len(splits["train"]) * colours,
             "val_images": len(splits["val"]) * colours,
         },
+        "captions": captions,
         "shard_size": shard_size,
         "shards": shards,
         "font": {"name": "Material Design Icons", "version": FONT_VERSION, "file": FONT_FILE},
@@ -392,8 +412,11 @@ def build_icons(
     return info
 
 
-def is_complete(out: str | Path, size: int | None = None, colours: int | None = None) -> bool:
-    """True when `out` holds a finished build (of this size and colour count, when given).
+def is_complete(
+    out: str | Path, size: int | None = None, colours: int | None = None, captions: str | None = None
+) -> bool:
+    """True when `out` holds a finished build (of this size, colour count and caption kind, when given; a build
+    from before caption kinds has full captions).
 
     A killed build has no info.json (it is written last and removed first), or its shards do not match the sizes
     info.json recorded.
@@ -408,6 +431,8 @@ def is_complete(out: str | Path, size: int | None = None, colours: int | None = 
     if size is not None and info.get("size") != size:
         return False
     if colours is not None and len(info.get("colours", [])) != colours:
+        return False
+    if captions is not None and info.get("captions", "full") != captions:
         return False
     if not (out / "split.json").exists() or not (out / "metadata.jsonl").exists():
         return False

@@ -6,7 +6,9 @@ families DALL·E trains on, the evaluation sizes and the expected time of each s
 
     icon dataset      DATA/icons-32px-8c (all 7,367 icons; rendering is deterministic, so it is shared)
     CLIP data         the icon dataset, plus DALL·E's icons `oversample_dalle_icons` times an epoch when the clip
-                      section sets it (`--extra-data DALLE_DATA:R`: the icons whose samples the CLIP reranks)
+                      section sets it (`--extra-data DALLE_DATA:R`: the icons whose samples the CLIP reranks),
+                      plus DALL·E's training icons captioned by their colour alone ("a pink icon") `colour_captions`
+                      times an epoch (DATA/icons-32px-8c-HASH-colour: bare colour prompts, zero-shot colour)
     dVAE evaluation   PSNR and the colour judge (the reconstruction's dominant colour is the icon's)
     DALL·E data       the preset's training icons (common_icons or families) + all validation icons
                       (DATA/icons-32px-8c-HASH), their dVAE codes (OUT/dalle/tokens) and OUT/dalle/subset.json
@@ -40,7 +42,8 @@ from .heldout import evaluate_tokenizer
 # evaluation sizes, the CPU threads to use (default: all cores) and the expected seconds of each stage (for the ETA).
 PRESET_SECTIONS = ("description", "icons", "vae", "clip", "dalle", "eval", "threads", "expected_s")
 SUBSET_KEYS = ("families", "common_icons")  # the dalle section's choice of training icons, besides model and train
-PIPELINE_KEYS = ("oversample_dalle_icons",)  # a model section's pipeline settings, besides preset, model and train
+PIPELINE_KEYS = ("oversample_dalle_icons", "colour_captions")  # a model section's pipeline settings, besides preset,
+# model and train: extra data mixed into its training, each with its repeats per epoch
 ICON_TRAIN_DEFAULTS = {"keep_best": False}  # see the module's docstring
 
 
@@ -73,6 +76,10 @@ def pipeline_configs(spec: dict[str, Any], name: str = "pipeline") -> dict[str, 
     threads = spec.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"{name}: threads must be a positive integer (or absent: all cores), got {threads!r}")
+    for key in PIPELINE_KEYS:
+        repeats = spec.get("clip", {}).get(key)
+        if repeats is not None and (not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 0):
+            raise ValueError(f"{name}: clip {key} must be the repeats per epoch, a whole number >= 0; got {repeats!r}")
     size = icon_settings(spec)["size"]
     configs = {
         "vae": model_and_train_configs(spec.get("vae", {}), DVAEConfig, "vae"),
@@ -217,9 +224,13 @@ class IconCollection(Collection):
 
     def training_args(self, state: PipelineState, kind: str) -> list[str]:
         args = ["--data", str(self.data)]
-        repeats = self.spec.get(kind, {}).get("oversample_dalle_icons")
+        section = self.spec.get(kind, {})
+        repeats = section.get("oversample_dalle_icons")
         if repeats:  # the icons DALL·E will draw, seen `repeats` times as often: what the CLIP must rerank
             args += ["--extra-data", f"{self.dalle_folder()[0]}:{repeats}"]
+        repeats = section.get("colour_captions")
+        if repeats:  # the same icons captioned by their colour alone: what a bare "a pink icon" prompt means
+            args += ["--extra-data", f"{self.colour_folder()}:{repeats}"]
         return args
 
     def evaluate_tokenizer(self, state: PipelineState) -> dict[str, Any]:
@@ -258,6 +269,15 @@ class IconCollection(Collection):
         if not is_complete(folder, icons["size"], icons["colours"]):
             build_icons(folder, size=icons["size"], colours=icons["colours"], names=seen + split["val"])
         return folder, seen, rule
+
+    def colour_folder(self) -> Path:
+        """DALL·E's training icons (`dalle_folder`) with captions that name only their colour, rendered once."""
+        icons = self.icons
+        _, seen, _ = self.dalle_folder()
+        folder = self.data_dir / f"{subset_folder_name(icons['size'], icons['colours'], seen)}-colour"
+        if not is_complete(folder, icons["size"], icons["colours"], captions="colour"):
+            build_icons(folder, size=icons["size"], colours=icons["colours"], names=seen, captions="colour")
+        return folder
 
     def build_dalle_data(self, state: PipelineState, restart: bool) -> None:
         """The icons DALL·E trains on (`dalle_folder`) and their dVAE codes."""
