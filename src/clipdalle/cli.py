@@ -814,7 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
     icons.add_argument("--size", type=int, default=32, choices=(32, 64, 128), help="image size in pixels")
     icons.add_argument("--colours", type=int, default=8, choices=range(1, 9), metavar="1-8", help="palette colours")
     icons.add_argument(
-        "--captions", default="full", choices=("full", "colour"),
+        "--captions",
+        default="full",
+        choices=("full", "colour"),
         help="full: the icon and its colour ('a red icon of a heart'); colour: the colour alone ('a red icon')",
     )
 

@@ -70,7 +70,15 @@ def test_data_icons(capsys, tmp_path, monkeypatch):
     code, stdout, err = run(capsys, "data", "icons", "--out", str(tmp_path / "icons"), "--colours", "2")
     assert code == 0, err
     assert "wrote 8 images of 4 icons" in stdout
-    assert icons.is_complete(tmp_path / "icons")
+    assert icons.is_complete(tmp_path / "icons", captions="full")
+    code, stdout, err = run(capsys, "data", "icons", "--out", str(tmp_path / "colour"), "--colours", "2",
+                            "--captions", "colour")  # fmt: skip
+    assert code == 0, err
+    assert icons.is_complete(tmp_path / "colour", captions="colour")
+    lines = (tmp_path / "colour" / "metadata.jsonl").read_text().splitlines()
+    assert {tuple(json.loads(line)["captions"]) for line in lines} == {
+        tuple(icons.colour_captions(colour)) for colour in ("red", "orange")
+    }
 
 
 def test_wrong_kind_of_path_for_a_run(capsys, tmp_path):
