@@ -4,6 +4,7 @@ does on the very same samples: the named icon's shape and the prompt's colour, p
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip runs/clip-wide
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --ensemble
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/seeds/seed-1/eval/samples.pt runs/demo/clip --seed 1
+    .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --colour-weight 2
 
 Besides the colour and rank-1 figures, each row gives the verdicts of the quality bar's three "reranking helps" targets
 (colour, shape, CLIP R-precision; `clipdalle.demo.evaluation.quality_bar`) with the candidate CLIP choosing the kept
@@ -44,7 +45,7 @@ def prompt_features(model, tokenizer, names: list[str], colours: list[str], ense
     return torch.nn.functional.normalize(flat.view(len(names), count, -1).mean(1), dim=-1)
 
 
-def rescore(samples: dict, clip: str, ensemble: bool, seed: int = 0) -> dict[str, dict]:
+def rescore(samples: dict, clip: str, ensemble: bool, seed: int = 0, colour_weight: float = 0.0) -> dict[str, dict]:
     model, _, tokenizer = load(clip)
     rows = {}
     for split, values in samples.items():
@@ -54,7 +55,8 @@ def rescore(samples: dict, clip: str, ensemble: bool, seed: int = 0) -> dict[str
             features = encode_images(model, images.flatten(0, 1)).view(P, n, -1)  # (P, n, D)
             text = prompt_features(model, tokenizer, values["names"], values["colours"], ensemble)  # (P, D)
             plain = prompt_features(model, tokenizer, values["names"], values["colours"], False)  # R-precision's
-        scores = (features * text[:, None]).sum(-1)  # (P, n)
+            bare = encode_texts(model, tokenizer, [icons.colour_captions(colour)[0] for colour in values["colours"]])
+        scores = (features * text[:, None]).sum(-1) + colour_weight * (features * bare[:, None]).sum(-1)  # (P, n)
         kept = scores.argmax(1)  # (P,)
         hits, ranks = values["hits"], values["ranks"]
         index = torch.arange(P)
@@ -89,6 +91,13 @@ def main() -> None:
     parser.add_argument("clips", nargs="+", help="CLIP runs (or anything clipdalle.pretrained.load reads)")
     parser.add_argument("--ensemble", action="store_true", help="score with the mean of the five caption phrasings")
     parser.add_argument("--seed", type=int, default=0, help="the evaluation seed the samples were drawn with")
+    parser.add_argument(
+        "--colour-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="add W x the similarity to the bare colour prompt ('an orange icon') to each sample's score",
+    )
     args = parser.parse_args()
     samples = torch.load(args.samples, weights_only=True)
     print(
@@ -99,12 +108,13 @@ def main() -> None:
     columns += ["top 10 per sample / kept", "oracle rank 1", "median rank per sample / kept", "reranking helps"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
+    weight = f" (+ {args.colour_weight:g} x colour)" if args.colour_weight else ""
     for clip in args.clips:
-        for split, row in rescore(samples, clip, args.ensemble, args.seed).items():
+        for split, row in rescore(samples, clip, args.ensemble, args.seed, args.colour_weight).items():
             pct = lambda pair: f"{100 * pair[0]:.1f} / {100 * pair[1]:.1f} %"  # noqa: E731
             gap = lambda pair: f"{100 * pair[0]:+.1f} .. {100 * pair[1]:+.1f}"  # noqa: E731
             print(
-                f"| {clip}{' (ensemble)' if args.ensemble else ''} | {split} | {pct(row['colour'])} | "
+                f"| {clip}{' (ensemble)' if args.ensemble else ''}{weight} | {split} | {pct(row['colour'])} | "
                 f"{gap(row['colour_gain'])} | {pct(row['rank1'])} | {gap(row['rank1_gain'])} | {pct(row['top10'])} | "
                 f"{100 * row['oracle_rank1']:.1f} % | {row['median'][0]:g} / {row['median'][1]:g} | "
                 + ", ".join(f"{target} {'yes' if met else 'NO'}" for target, met in row["helps"].items())
