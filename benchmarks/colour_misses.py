@@ -1,7 +1,7 @@
 """The kept samples that the demo's colour judge calls the wrong colour, one by one: how many of the prompt's samples
 the judge calls right, the median foreground pixel the judge reads, and the colour of the darkest quarter of the
-ink (the pixels most covered by the stroke, where anti-aliasing mixes in the least white). Also where the kept
-sample's stroke darkness falls among its prompt's samples.
+ink (`icons.core_ink_colour`: the pixels most covered by the stroke, where anti-aliasing mixes in the least white).
+Also where the kept sample's stroke darkness falls among its prompt's samples.
 
     .venv/bin/python benchmarks/colour_misses.py runs/demo/eval/samples.pt runs/demo/seeds/seed-1/eval/samples.pt
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from clipdalle.data import icons
@@ -24,18 +23,6 @@ from clipdalle.data import icons
 def darkness(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, H*W): summed distance from white, 0..765 (as `icons.foreground_mask`)."""
     return ((1.0 - images) * 255.0).sum(1).flatten(1)
-
-
-def darkest_quarter_colour(image: torch.Tensor) -> int:
-    """PALETTE index nearest to the per-channel median of the darkest quarter of an image's foreground pixels."""
-    foreground = icons.foreground_mask(image[None])[0].flatten()  # (H*W,)
-    pixels = image.flatten(1)[:, foreground].T * 255.0  # (F, 3)
-    if len(pixels) == 0:
-        return -1
-    dark = darkness(image[None])[0][foreground]  # (F,)
-    median = pixels[dark.topk(max(1, len(pixels) // 4)).indices].median(0).values  # (3,)
-    palette = torch.from_numpy(icons.palette_rgb().astype(np.float32))
-    return int(torch.cdist(median[None], palette).argmin())
 
 
 def stroke_darkness_percentile(images: torch.Tensor, kept: torch.Tensor) -> tuple[float, float]:
@@ -74,7 +61,7 @@ def main() -> None:
                 judged = int(icons.dominant_colour(image[None])[0])
                 foreground = icons.foreground_mask(image[None])[0]
                 median = (image[:, foreground] * 255).median(1).values.round().int().tolist()
-                ink = darkest_quarter_colour(image)
+                ink = int(icons.core_ink_colour(image[None])[0])
                 asked = values["colours"][prompt]
                 total += 1
                 agree += palette[ink] == asked

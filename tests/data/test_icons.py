@@ -16,6 +16,7 @@ from clipdalle.data.icons import (
     captions_for,
     colour_captions,
     colourise,
+    core_ink_colour,
     dominant_colour,
     family_of,
     foreground_mask,
@@ -229,6 +230,17 @@ def test_dominant_colour_names_every_palette_colour(masks):
     white = torch.ones(2, 3, 8, 8)
     assert dominant_colour(white).tolist() == [-1, -1]
     assert dominant_colour(white).dtype == torch.long
+
+
+def test_core_ink_colour_reads_a_thin_stroke_by_its_ink_not_its_anti_aliased_edge():
+    orange = torch.tensor([0xFB, 0x8C, 0x00]) / 255.0
+    image = torch.ones(1, 3, 8, 8)
+    image[0, :, 3, 2:6] = orange[:, None]  # 4 pixels fully covered by the stroke
+    image[0, :, 2, 2:6] = image[0, :, 4, 2:6] = (orange[:, None] + 1.0) / 2  # 8 half-covered edge pixels
+    yellow, orange_index = list(PALETTE).index("yellow"), list(PALETTE).index("orange")
+    assert int(dominant_colour(image)[0]) == yellow  # the judge's median lands on the edge
+    assert int(core_ink_colour(image)[0]) == orange_index
+    assert core_ink_colour(torch.ones(1, 3, 8, 8)).tolist() == [-1]  # no ink
 
 
 def test_foreground_threshold_is_120_of_765():

@@ -29,6 +29,12 @@ def test_evaluate_demo_returns_every_figure_in_range(evaluated):
             assert 0 <= colour[key] <= 1, key
         assert colour["real_icons"] == 1.0  # the judge on the real icons of the prompts
         assert set(colour["per_sample_by_colour"]) == set(icons.PALETTE)  # 8 prompts cycle through all 8 colours
+        misses = colour["kept_misses"]  # every kept sample the judge calls wrong, with its ink's core colour
+        assert len(misses) == round((1 - colour["best_of_n"]) * figures["prompts"])
+        for miss in misses:
+            asked = miss["prompt"].split()[1]  # "a red icon of ..."
+            assert asked in icons.PALETTE and miss["judged"] != asked and 0 <= miss["right_samples"] < 4
+            assert miss["core_ink"] in [*icons.PALETTE, "no ink"]
         shape = figures["shape_rank"]
         assert shape["icons"] == len(SEEN_ICONS + VAL_ICONS)
         for key in ("per_sample", "best_of_n", "oracle_best_of_n", "dvae_reconstructions", "chance"):

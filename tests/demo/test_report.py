@@ -87,6 +87,17 @@ def test_report_has_every_section_with_embedded_images(demo_out):
         assert row["name"] in page
     assert "FID on CLIP image features" in page and "CLIP R-precision" in page and "recall@5" in page
     assert any(set(icons.PALETTE) <= set(row) for row in reader.rows)  # the confusion matrix has every colour
+    misses = [metrics["generation"][split]["colour_fidelity"]["kept_misses"] for split in ("seen", "val")]
+    assert sum(map(len, misses)) > 0  # tiny random models keep wrong colours: the table is there to check
+    for label, split in (("seen", "seen"), ("validation", "val")):  # each kept sample judged the wrong colour
+        for miss in metrics["generation"][split]["colour_fidelity"]["kept_misses"]:
+            assert [
+                label,
+                miss["prompt"],
+                f"{miss['right_samples']} of 4",
+                miss["judged"],
+                miss["core_ink"],
+            ] in reader.rows
     assert "heart, home" in page and "2 icon families" in page  # the DALL·E subset
     assert ["DALL·E training", "720.0", "12.0"] in reader.rows  # each stage's seconds and minutes
     assert ["total", "1200.7", "20.0"] in reader.rows

@@ -475,6 +475,28 @@ def dominant_colour(images: torch.Tensor) -> torch.Tensor:
     return torch.where(has_ink, nearest, torch.full_like(nearest, -1))
 
 
+def core_ink_colour(images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> long (B,): index into PALETTE nearest to the per-channel median of the darkest
+    quarter of each image's foreground pixels (the pixels its strokes cover most), -1 when there is no ink.
+
+    A diagnosis beside `dominant_colour`, not the quality bar's judge: on a thin stroke, half of the foreground is
+    anti-aliased edge, and the judge's median can land nearer a neighbouring colour; this reading says which colour
+    the ink itself is (the demo report lists both for every kept sample the judge calls wrong).
+    """
+    foreground = foreground_mask(images).flatten(1)  # (B, H*W)
+    darkness = ((1.0 - images.float()) * 255.0).sum(dim=1).flatten(1)  # (B, H*W)
+    palette = torch.from_numpy(palette_rgb().astype(np.float32))  # (P, 3)
+    colours = torch.full((images.shape[0],), -1, dtype=torch.long)
+    for index in range(images.shape[0]):
+        ink = foreground[index].nonzero().flatten()  # (F,)
+        if len(ink) == 0:
+            continue
+        core = ink[darkness[index, ink].topk(max(1, len(ink) // 4)).indices]  # the darkest quarter
+        median = (images[index].float().flatten(1)[:, core] * 255.0).median(dim=1).values  # (3,)
+        colours[index] = torch.cdist(median[None], palette).argmin()
+    return colours
+
+
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Intersection over union of every mask in `a` (N, H, W) with every mask in `b` (M, H, W) -> float (N, M).
 

@@ -52,7 +52,10 @@ DEFINITIONS = {
     "colour_fidelity": (
         "Share of images whose dominant colour (per-channel median of the pixels whose summed distance from white "
         "exceeds 120 of 765, nearest of the 8 palette colours) is the prompt's colour. Per sample: over all n samples "
-        "of every prompt; best of n: over the CLIP-kept sample of each prompt."
+        "of every prompt; best of n: over the CLIP-kept sample of each prompt. Kept misses: each kept sample the "
+        "judge calls the wrong colour, with how many of its prompt's samples the judge calls right and the colour of "
+        "the darkest quarter of its ink (the pixels its strokes cover most; a diagnosis, not the judge): on thin "
+        "strokes the judge's median can land on anti-aliased edge pixels nearer a neighbouring colour."
     ),
     "shape_rank": (
         "Rank of the named icon among all 7,367 by IoU of the image's foreground mask (same threshold) with the "
@@ -484,6 +487,20 @@ def set_figures(
         if chosen.any():
             per_colour[colour] = float(hits[chosen].double().mean())
 
+    misses = []  # the kept samples the colour judge calls wrong, with the colour of their ink's core
+    for prompt in (~hits[rows, kept]).nonzero().flatten().tolist():
+        image = flat[prompt * n + int(kept[prompt]) : prompt * n + int(kept[prompt]) + 1]  # (1, 3, H, W)
+        judged, core = int(icons.dominant_colour(image)[0]), int(icons.core_ink_colour(image)[0])
+        palette = list(icons.PALETTE)
+        misses.append(
+            {
+                "prompt": prompts[prompt],
+                "judged": palette[judged] if judged >= 0 else "no ink",
+                "core_ink": palette[core] if core >= 0 else "no ink",
+                "right_samples": int(hits[prompt].sum()),
+            }
+        )
+
     features = encode_images(clip_model, flat)  # (P*n, D)
     prompt_features = encode_texts(clip_model, clip_tokenizer, prompts)  # (P, D)
     similarity = features @ prompt_features.T  # (P*n, P)
@@ -501,6 +518,7 @@ def set_figures(
             "real_icons": float(colour_hits(real, colour_indices).double().mean()),
             "dvae_reconstructions": float(colour_hits(reconstructed, colour_indices).double().mean()),
             "per_sample_by_colour": per_colour,
+            "kept_misses": misses,
         },
         "shape_rank": {
             "per_sample": rank_summary(ranks),

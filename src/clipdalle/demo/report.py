@@ -334,6 +334,18 @@ def generation_section(evaluation: dict[str, Any]) -> Html:
         table(context_headers, context),
         by_colour,
     ]
+    misses = [
+        [label, miss["prompt"], f"{miss['right_samples']} of {n}", miss["judged"], miss["core_ink"]]
+        for label, figures in (("seen", seen), ("validation", val))
+        for miss in figures["colour_fidelity"].get("kept_misses", [])
+    ]
+    if misses:
+        parts.append(
+            table(
+                ["set", "kept sample judged the wrong colour", "samples judged right", "judged", "core of its ink"],
+                misses,
+            )
+        )
     for key in ("prompts", "colour_fidelity", "shape_rank"):
         if key in definitions:
             parts.append(paragraph(f"{key.replace('_', ' ')}: {definitions[key]}", "definition"))
