@@ -487,11 +487,11 @@ def set_figures(
         if chosen.any():
             per_colour[colour] = float(hits[chosen].double().mean())
 
-    misses = []  # the kept samples the colour judge calls wrong, with the colour of their ink's core
+    misses, palette = [], list(icons.PALETTE)  # the kept samples the colour judge calls wrong, and their ink's core
     for prompt in (~hits[rows, kept]).nonzero().flatten().tolist():
-        image = flat[prompt * n + int(kept[prompt]) : prompt * n + int(kept[prompt]) + 1]  # (1, 3, H, W)
+        row = prompt * n + int(kept[prompt])
+        image = flat[row : row + 1]  # (1, 3, H, W)
         judged, core = int(icons.dominant_colour(image)[0]), int(icons.core_ink_colour(image)[0])
-        palette = list(icons.PALETTE)
         misses.append(
             {
                 "prompt": prompts[prompt],
