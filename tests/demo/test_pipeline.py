@@ -144,6 +144,22 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
     assert checkpoint.checkpoint_step(resumed / "dalle") == 150
     assert (resumed / "report.html").exists()
 
+    # The preset's CLIP data changes (its colour-caption shard read twice an epoch): the CLIP trains again from the
+    # start, and so do the stages that use it; the dVAE and DALL·E stay as they are.
+    changed = tiny_spec(dalle_train={"steps": 150, "save_every": 10, "eval_every": 1000})
+    changed["clip"]["colour_captions"] = 2
+    vae_weights = (resumed / "vae" / "model.safetensors").read_bytes()
+    pipeline.run_pipeline(write_preset(tmp_path / "changed.json", changed), resumed, data_dir=data_dir)
+    printed = capsys.readouterr().err
+    assert "CLIP training: its data arguments changed" in printed and "dVAE training: its data" not in printed
+    commands = [line for line in (resumed / "logs" / "clip.log").read_text().splitlines() if line.startswith("$ ")]
+    assert "-colour:2" in commands[-1]
+    assert "CLIP: resuming" not in printed  # started over, not resumed from the old run's checkpoint
+    assert (resumed / "vae" / "model.safetensors").read_bytes() == vae_weights
+    skipped = {line.split("] ", 1)[1].split(":")[0] for line in printed.splitlines() if "complete, skipped" in line}
+    assert skipped >= {"DALL·E training", "DALL·E data", "dVAE evaluation"}
+    assert not skipped & {"index", "evaluation", "report"}
+
 
 def test_a_failing_process_stops_the_pipeline_with_its_one_line_error(tmp_path, twelve_icons, capsys):
     # CLIP's vocabulary is below the caption tokenizer's minimum: its process fails at start; the dVAE is stopped

@@ -18,6 +18,8 @@ Each stage is a pair of plain functions of the run's `PipelineState`: `done(stat
 `run(state, restart)`. A stage whose outputs are complete is skipped, unless a stage it depends on ran again in this
 invocation. A training stage that was interrupted resumes from its last checkpoint (`--resume`); `fresh=True`
 starts over, removing OUT only when the pipeline made it (it holds the MARKER file), never a folder of the user's.
+The dVAE's and CLIP's data arguments are recorded in RUN/pipeline-inputs.json; when they change (another preset's
+extra data, another data folder), that model trains again from the start and the stages after it run again.
 Training processes write OUT/logs/NAME.log; OUT/timings.json has every stage's seconds and OUT/summary.json points
 at everything.
 """
@@ -45,6 +47,7 @@ from .jobs import LoadSampler, clear_run, run_jobs, train_job, training_finished
 
 ETA_FACTOR_LIMITS = (0.25, 4.0)  # a machine 4x slower or faster than the preset's expected times is believable
 MARKER = ".clipdalle-pipeline"  # written into OUT by the pipeline: `fresh` removes only a folder that holds it
+INPUTS_FILE = "pipeline-inputs.json"  # RUN/...: the data arguments a dVAE or CLIP run was trained on
 
 
 def eta_seconds(expected: dict[str, float], measured: dict[str, float], remaining: list[str]) -> float | None:
@@ -61,18 +64,33 @@ def eta_seconds(expected: dict[str, float], measured: dict[str, float], remainin
 # ------------------------------------------------------------------------------------------ the stages
 
 
+def inputs_current(run_dir: Path, args: list[str]) -> bool:
+    """The run in `run_dir` was trained (or started) on these data arguments (`INPUTS_FILE`)."""
+    return _read_if_present(run_dir / INPUTS_FILE).get("args") == args
+
+
+def pair_trained(state: PipelineState, kind: str) -> bool:
+    """The dVAE ("vae") or CLIP ("clip") finished training on the data its collection gives it now."""
+    run_dir = state.run_dir(kind)
+    return training_finished(run_dir) and inputs_current(run_dir, state.collection.training_args(state, kind))
+
+
 def train_pair(state: PipelineState, restart: bool) -> None:
     """The dVAE and CLIP, side by side, each on its share of the cores (or one alone on all of them); only the dVAE
-    when the collection's CLIP exists already."""
+    when the collection's CLIP exists already. A run begun on other data arguments (`INPUTS_FILE`) starts over."""
     jobs = []
     kinds = (("dVAE training", "dVAE", "vae"), ("CLIP training", "CLIP", "clip"))
     for name, label, kind in kinds:
+        if kind not in state.configs or pair_trained(state, kind):
+            continue
         run_dir = state.run_dir(kind)
-        if kind in state.configs and not training_finished(run_dir):
-            extra = state.collection.training_args(state, kind)
-            jobs.append(
-                train_job(name, label, kind, run_dir, state.configs[kind], state.out, state.pair_threads, extra)
-            )
+        extra = state.collection.training_args(state, kind)
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not inputs_current(run_dir, extra):
+            print(f"{name}: its data arguments changed since {run_dir} was trained; training it again", file=sys.stderr)
+            clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / INPUTS_FILE, {"args": extra})
+        jobs.append(train_job(name, label, kind, run_dir, state.configs[kind], state.out, state.pair_threads, extra))
     for job in jobs:
         job.threads = state.alone_threads if len(jobs) == 1 else state.pair_threads
     run_jobs(jobs)
@@ -82,7 +100,7 @@ def train_pair(state: PipelineState, restart: bool) -> None:
 
 
 def pair_done(state: PipelineState) -> bool:
-    return all(training_finished(state.run_dir(kind)) for kind in ("vae", "clip") if kind in state.configs)
+    return all(pair_trained(state, kind) for kind in ("vae", "clip") if kind in state.configs)
 
 
 def evaluate_vae(state: PipelineState, restart: bool) -> None:
