@@ -86,7 +86,11 @@ def train_pair(state: PipelineState, restart: bool) -> None:
         run_dir = state.run_dir(kind)
         extra = state.collection.training_args(state, kind)
         if run_dir.is_dir() and any(run_dir.iterdir()) and not inputs_current(run_dir, extra):
-            print(f"{name}: its data arguments changed since {run_dir} was trained; training it again", file=sys.stderr)
+            if (run_dir / INPUTS_FILE).exists():
+                why = "was trained on other data arguments"
+            else:
+                why = f"does not record the data arguments it was trained on ({INPUTS_FILE})"
+            print(f"{name}: {run_dir} {why}; training it again", file=sys.stderr)
             clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / INPUTS_FILE, {"args": extra})
