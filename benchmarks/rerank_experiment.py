@@ -54,9 +54,16 @@ def rescore(samples: dict, clip: str, ensemble: bool, seed: int = 0, colour_weig
         with torch.no_grad():
             features = encode_images(model, images.flatten(0, 1)).view(P, n, -1)  # (P, n, D)
             text = prompt_features(model, tokenizer, values["names"], values["colours"], ensemble)  # (P, D)
-            plain = prompt_features(model, tokenizer, values["names"], values["colours"], False)  # R-precision's
-            bare = encode_texts(model, tokenizer, [icons.colour_captions(colour)[0] for colour in values["colours"]])
-        scores = (features * text[:, None]).sum(-1) + colour_weight * (features * bare[:, None]).sum(-1)  # (P, n)
+            plain = (  # R-precision's prompts: the first caption, as in the demo
+                prompt_features(model, tokenizer, values["names"], values["colours"], False) if ensemble else text
+            )
+            bare = None
+            if colour_weight:
+                colours = values["colours"]
+                bare = encode_texts(model, tokenizer, [icons.colour_captions(colour)[0] for colour in colours])
+        scores = (features * text[:, None]).sum(-1)  # (P, n)
+        if bare is not None:
+            scores = scores + colour_weight * (features * bare[:, None]).sum(-1)
         kept = scores.argmax(1)  # (P,)
         hits, ranks = values["hits"], values["ranks"]
         index = torch.arange(P)

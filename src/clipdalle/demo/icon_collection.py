@@ -225,12 +225,14 @@ class IconCollection(Collection):
     def training_args(self, state: PipelineState, kind: str) -> list[str]:
         args = ["--data", str(self.data)]
         section = self.spec.get(kind, {})
-        repeats = section.get("oversample_dalle_icons")
-        if repeats:  # the icons DALL·E will draw, seen `repeats` times as often: what the CLIP must rerank
-            args += ["--extra-data", f"{self.dalle_folder()[0]}:{repeats}"]
-        repeats = section.get("colour_captions")
-        if repeats:  # the same icons captioned by their colour alone: what a bare "a pink icon" prompt means
-            args += ["--extra-data", f"{self.colour_folder()}:{repeats}"]
+        oversample, colour = section.get("oversample_dalle_icons"), section.get("colour_captions")
+        if not (oversample or colour):
+            return args
+        folder, seen, _ = self.dalle_folder()
+        if oversample:  # the icons DALL·E will draw, seen `oversample` times as often: what the CLIP must rerank
+            args += ["--extra-data", f"{folder}:{oversample}"]
+        if colour:  # DALL·E's training icons captioned by their colour alone: what a bare "a pink icon" means
+            args += ["--extra-data", f"{self.colour_folder(seen)}:{colour}"]
         return args
 
     def evaluate_tokenizer(self, state: PipelineState) -> dict[str, Any]:
@@ -270,10 +272,9 @@ class IconCollection(Collection):
             build_icons(folder, size=icons["size"], colours=icons["colours"], names=seen + split["val"])
         return folder, seen, rule
 
-    def colour_folder(self) -> Path:
-        """DALL·E's training icons (`dalle_folder`) with captions that name only their colour, rendered once."""
+    def colour_folder(self, seen: list[str]) -> Path:
+        """DALL·E's training icons `seen` (`dalle_folder`) with captions that name only their colour, rendered once."""
         icons = self.icons
-        _, seen, _ = self.dalle_folder()
         folder = self.data_dir / f"{subset_folder_name(icons['size'], icons['colours'], seen)}-colour"
         if not is_complete(folder, icons["size"], icons["colours"], captions="colour"):
             build_icons(folder, size=icons["size"], colours=icons["colours"], names=seen, captions="colour")

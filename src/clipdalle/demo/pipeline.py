@@ -69,10 +69,9 @@ def inputs_current(run_dir: Path, args: list[str]) -> bool:
     return _read_if_present(run_dir / INPUTS_FILE).get("args") == args
 
 
-def pair_trained(state: PipelineState, kind: str) -> bool:
-    """The dVAE ("vae") or CLIP ("clip") finished training on the data its collection gives it now."""
-    run_dir = state.run_dir(kind)
-    return training_finished(run_dir) and inputs_current(run_dir, state.collection.training_args(state, kind))
+def trained_on(run_dir: Path, args: list[str]) -> bool:
+    """The run in `run_dir` finished training on these data arguments."""
+    return training_finished(run_dir) and inputs_current(run_dir, args)
 
 
 def train_pair(state: PipelineState, restart: bool) -> None:
@@ -81,10 +80,12 @@ def train_pair(state: PipelineState, restart: bool) -> None:
     jobs = []
     kinds = (("dVAE training", "dVAE", "vae"), ("CLIP training", "CLIP", "clip"))
     for name, label, kind in kinds:
-        if kind not in state.configs or pair_trained(state, kind):
+        if kind not in state.configs:
             continue
         run_dir = state.run_dir(kind)
         extra = state.collection.training_args(state, kind)
+        if trained_on(run_dir, extra):
+            continue
         if run_dir.is_dir() and any(run_dir.iterdir()) and not inputs_current(run_dir, extra):
             if (run_dir / INPUTS_FILE).exists():
                 why = "was trained on other data arguments"
@@ -104,7 +105,11 @@ def train_pair(state: PipelineState, restart: bool) -> None:
 
 
 def pair_done(state: PipelineState) -> bool:
-    return all(pair_trained(state, kind) for kind in ("vae", "clip") if kind in state.configs)
+    return all(
+        trained_on(state.run_dir(kind), state.collection.training_args(state, kind))
+        for kind in ("vae", "clip")
+        if kind in state.configs
+    )
 
 
 def evaluate_vae(state: PipelineState, restart: bool) -> None:
