@@ -47,7 +47,8 @@ def main() -> None:
     for path in args.samples:
         for split, values in torch.load(path, weights_only=True).items():
             images = values["images"].float().div(255)  # (P, n, 3, H, W)
-            hits, kept = values["hits"], values["scores"].argmax(1)  # (P, n), (P,)
+            hits = values["hits"]  # (P, n)
+            kept = values["kept"] if "kept" in values else values["scores"].argmax(1)  # (P,) older files: CLIP's best
             P, n = hits.shape
             kept_share, random_share = stroke_darkness_percentile(images, kept)
             print(

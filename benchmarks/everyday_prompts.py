@@ -1,6 +1,7 @@
 """The prompts a person types first, against a finished demo: 20 everyday icon names chosen before looking at what
-DALL·E trained on, in 3 colours each, 16 samples per prompt, the best kept by the demo's CLIP, judged by the demo's
-shape and colour judges (clipdalle.demo.evaluation). Not a test.
+DALL·E trained on, in 3 colours each, 16 samples per prompt drawn and kept as the demo's evaluation does (its
+sampling settings from OUT/eval.json), judged by the demo's shape and colour judges (clipdalle.demo.evaluation).
+Not a test.
 
     .venv/bin/python benchmarks/everyday_prompts.py runs/demo --data data/icons-32px-8c [--seed 0]
 
@@ -35,8 +36,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the icon dataset the demo used")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--temperature", type=float, default=0.85, help="the demo preset's sampling temperature")
     args = parser.parse_args()
+    evaluated = args.out / "eval.json"
+    if not evaluated.is_file():
+        raise SystemExit(f"{evaluated} not found; expected a demo folder whose evaluation has run")
+    sampling = json.loads(evaluated.read_text())["settings"]["sampling"]  # the demo's own (temperature, shortlist)
 
     info = json.loads((args.data / "info.json").read_text())
     model, vae, tokenizer = checkpoint.load_dalle(args.out / "dalle")
@@ -45,9 +49,8 @@ def main() -> None:
     judge = IconJudge(info["size"], list(info["colours"]))
     pairs = [(name, colour) for name in EVERYDAY for colour in COLOURS]
     prompts = [caption_of(name, colour) for name, colour in pairs]
-    sampling = {"temperature": args.temperature}
     generated = sample_prompts(model, vae, tokenizer, clip_bundle, prompts, args.samples, args.seed, sampling)
-    kept = generated["scores"].argmax(1)  # (P,) the sample CLIP keeps
+    kept = generated["kept"]  # (P,) the sample the demo keeps
     images = generated["images"][torch.arange(len(pairs)), kept]  # (P, 3, H, W)
     colour_indices = [judge.colours.index(colour) for _, colour in pairs]
     names = [name for name, _ in pairs]

@@ -5,6 +5,7 @@ does on the very same samples: the named icon's shape and the prompt's colour, p
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --ensemble
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/seeds/seed-1/eval/samples.pt runs/demo/clip --seed 1
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --colour-weight 2
+    .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --shortlist 1 2 3
 
 Besides the colour and rank-1 figures, each row gives the verdicts of the quality bar's three "reranking helps" targets
 (colour, shape, CLIP R-precision; `clipdalle.demo.evaluation.quality_bar`) with the candidate CLIP choosing the kept
@@ -32,6 +33,7 @@ from clipdalle.demo.evaluation import (
     shape_reranking_helps,
 )
 from clipdalle.pretrained import load
+from clipdalle.sampling import shortlisted_per_group
 from clipdalle.zero_shot import encode_images, encode_texts
 
 
@@ -45,7 +47,9 @@ def prompt_features(model, tokenizer, names: list[str], colours: list[str], ense
     return torch.nn.functional.normalize(flat.view(len(names), count, -1).mean(1), dim=-1)
 
 
-def rescore(samples: dict, clip: str, ensemble: bool, seed: int = 0, colour_weight: float = 0.0) -> dict[str, dict]:
+def rescore(
+    samples: dict, clip: str, ensemble: bool, seed: int = 0, colour_weight: float = 0.0, shortlist: int = 1
+) -> dict[str, dict]:
     model, _, tokenizer = load(clip)
     rows = {}
     for split, values in samples.items():
@@ -64,7 +68,8 @@ def rescore(samples: dict, clip: str, ensemble: bool, seed: int = 0, colour_weig
         scores = (features * text[:, None]).sum(-1)  # (P, n)
         if bare is not None:
             scores = scores + colour_weight * (features * bare[:, None]).sum(-1)
-        kept = scores.argmax(1)  # (P,)
+        flat = shortlisted_per_group(scores.flatten(), features.flatten(0, 1), n, 1, shortlist)  # (P,)
+        kept = flat - torch.arange(P) * n  # (P,) the kept sample as generate(shortlist=...) keeps it
         hits, ranks = values["hits"], values["ranks"]
         index = torch.arange(P)
         similarity = features.flatten(0, 1) @ plain.T  # (P*n, P)
@@ -105,6 +110,14 @@ def main() -> None:
         metavar="W",
         help="add W x the similarity to the bare colour prompt ('an orange icon') to each sample's score",
     )
+    parser.add_argument(
+        "--shortlist",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="K",
+        help="keep the most typical of CLIP's K best (clipdalle.sampling.shortlisted_per_group); a row per K",
+    )
     args = parser.parse_args()
     samples = torch.load(args.samples, weights_only=True)
     print(
@@ -117,16 +130,20 @@ def main() -> None:
     print("|" + "---|" * len(columns))
     weight = f" (+ {args.colour_weight:g} x colour)" if args.colour_weight else ""
     for clip in args.clips:
-        for split, row in rescore(samples, clip, args.ensemble, args.seed, args.colour_weight).items():
-            pct = lambda pair: f"{100 * pair[0]:.1f} / {100 * pair[1]:.1f} %"  # noqa: E731
-            gap = lambda pair: f"{100 * pair[0]:+.1f} .. {100 * pair[1]:+.1f}"  # noqa: E731
-            print(
-                f"| {clip}{' (ensemble)' if args.ensemble else ''}{weight} | {split} | {pct(row['colour'])} | "
-                f"{gap(row['colour_gain'])} | {pct(row['rank1'])} | {gap(row['rank1_gain'])} | {pct(row['top10'])} | "
-                f"{100 * row['oracle_rank1']:.1f} % | {row['median'][0]:g} / {row['median'][1]:g} | "
-                + ", ".join(f"{target} {'yes' if met else 'NO'}" for target, met in row["helps"].items())
-                + " |"
-            )
+        for shortlist in args.shortlist:
+            rows = rescore(samples, clip, args.ensemble, args.seed, args.colour_weight, shortlist)
+            label = clip + (" (ensemble)" if args.ensemble else "") + weight
+            label += f", shortlist {shortlist}" if shortlist > 1 else ""
+            for split, row in rows.items():
+                pct = lambda pair: f"{100 * pair[0]:.1f} / {100 * pair[1]:.1f} %"  # noqa: E731
+                gap = lambda pair: f"{100 * pair[0]:+.1f} .. {100 * pair[1]:+.1f}"  # noqa: E731
+                print(
+                    f"| {label} | {split} | {pct(row['colour'])} | {gap(row['colour_gain'])} | {pct(row['rank1'])} | "
+                    f"{gap(row['rank1_gain'])} | {pct(row['top10'])} | {100 * row['oracle_rank1']:.1f} % | "
+                    f"{row['median'][0]:g} / {row['median'][1]:g} | "
+                    + ", ".join(f"{target} {'yes' if met else 'NO'}" for target, met in row["helps"].items())
+                    + " |"
+                )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from clipdalle.sampling import (
     choose_codes,
     clip_scores,
     code_log_probs,
+    consensus,
     encode_prompts,
     generate,
     guided_logits,
@@ -23,6 +24,7 @@ from clipdalle.sampling import (
     mask_from_image,
     region_mask,
     sample_codes,
+    shortlisted_per_group,
     top_k_filter,
     top_p_filter,
     variations,
@@ -149,6 +151,26 @@ def test_sample_noise_is_drawn_on_the_cpu_and_finished_on_the_device():
 def test_best_per_group_orders_each_group():
     scores = torch.tensor([0.1, 0.9, 0.5, 3.0, 1.0, 2.0])
     assert best_per_group(scores, 3, 2).tolist() == [1, 2, 3, 5]
+
+
+def test_a_shortlist_keeps_the_most_typical_of_clips_best():
+    # One prompt's four samples: CLIP scores sample 0 highest, but it looks like none of the others (an outlier);
+    # samples 1 to 3 agree with each other. Shortlisting two keeps sample 1, the more typical of CLIP's best two.
+    features = torch.nn.functional.normalize(
+        torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.1, 0.0], [1.0, -0.1, 0.0], [1.0, 0.0, 0.1]]), dim=1
+    )
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.0])
+    typical = consensus(features, 4)
+    assert typical.argmin() == 0 and (typical[1:] > typical[0] + 0.5).all()
+    torch.testing.assert_close(consensus(features[:1], 1), torch.zeros(1))  # nothing to agree with
+    assert shortlisted_per_group(scores, features, 4, 1, 1).tolist() == [0]  # shortlist 1: CLIP's best
+    assert shortlisted_per_group(scores, features, 4, 1, 2).tolist() == [1]
+    assert shortlisted_per_group(scores, features, 4, 1, 3).tolist() == [1]  # 2 is typical too, but CLIP's third
+    # keep 2 of a shortlist of 4: the three that agree come first; a second group is indexed after the first
+    both = shortlisted_per_group(torch.cat([scores, scores]), torch.cat([features, features]), 4, 2, 2)
+    assert both[:1].tolist() == both[2:3].sub(4).tolist() and 0 not in both.tolist() and 4 not in both.tolist()
+    # a shortlist longer than the group is the whole group
+    assert shortlisted_per_group(scores, features, 4, 3, 5).sort().values.tolist() == [1, 2, 3]
 
 
 def test_regions_cells_and_blending():
@@ -307,6 +329,26 @@ def test_reranking_keeps_the_top_clip_scores(model, vae, tokenizer):
     torch.testing.assert_close(rescored, best.clip_scores)
     with pytest.raises(ValueError, match="bundle returned by clipdalle.clip.load"):
         generate(model, vae, tokenizer, "a red circle", n=2, clip=clip[0])
+
+
+def test_generate_with_a_shortlist_keeps_the_most_typical_of_clips_best_two(model, vae, tokenizer):
+    clip = tiny_clip(tokenizer)
+    prompts = ["a red circle", "a blue square"]
+    everything = generate(model, vae, tokenizer, prompts, n=6, keep=6, clip=clip, seed=9, temperature=2.0)
+    kept = generate(model, vae, tokenizer, prompts, n=6, keep=1, clip=clip, seed=9, temperature=2.0, shortlist=2)
+    assert kept.images.shape[0] == 2 and kept.clip_features.shape == (2, 16)
+    for group in range(2):
+        rows = slice(6 * group, 6 * group + 6)
+        seeds = everything.seeds[rows]  # CLIP's best first
+        typical = consensus(everything.clip_features[rows], 6)  # (6,) each sample against the other five
+        assert kept.seeds[group] == (seeds[0] if typical[0] >= typical[1] else seeds[1])
+    if all(kept.seeds[group] == everything.seeds[6 * group] for group in range(2)):
+        pytest.fail("the shortlist changed nothing here; pick a seed where an outlier leads CLIP's ranking")
+    torch.testing.assert_close(clip_scores(clip, kept.images, kept.prompts), kept.clip_scores)
+    with pytest.raises(ValueError, match="shortlist=2 needs a CLIP"):
+        generate(model, vae, tokenizer, "a red circle", n=4, shortlist=2)
+    with pytest.raises(ValueError, match="shortlist must be a whole number >= 1"):
+        generate(model, vae, tokenizer, "a red circle", n=4, clip=clip, shortlist=0)
 
 
 def test_inpaint_keeps_codes_and_pixels_outside_the_region(trained, vae, tokenizer):

@@ -181,6 +181,7 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         top_k=args.top_k,
         top_p=args.top_p,
         cond_scale=args.cond_scale,
+        shortlist=args.shortlist,
         seed=args.seed,
         batch_size=args.batch_size,
     )
@@ -869,6 +870,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--top-k", type=int, default=None, help="keep the k most likely image codes")
         sub.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
         sub.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+        sub.add_argument(
+            "--shortlist",
+            type=int,
+            default=1,
+            help="with --clip: CLIP shortlists this many x --keep samples per prompt and the most typical of them "
+            "are kept (1: CLIP's best; the demo uses 2)",
+        )
         sub.add_argument("--seed", type=int, default=None, help="base seed (sample i gets seed + i)")
         sub.add_argument("--batch-size", type=int, default=64, help="samples decoded at once")
         sub.add_argument("--last", action="store_true", help="the runs' last weights, not their best (RUN/best/)")

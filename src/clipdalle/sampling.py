@@ -13,7 +13,10 @@ unconditional half and is plain sampling.
 
 Ranking: with a CLIP bundle every sample is scored by CLIP similarity with its prompt, else by the model's
 log-likelihood of its codes (nats, under the conditional model at temperature 1 without filters), and the best
-`keep` per prompt are returned, best first.
+`keep` per prompt are returned, best first. With `shortlist` > 1, CLIP's `shortlist` x `keep` best are candidates
+and the `keep` most typical of them are returned: those whose CLIP image features agree most, on average, with the
+prompt's other samples (minimum Bayes risk selection; Kumar & Byrne 2004). CLIP's single best is sometimes an
+outlier whose score is a fluke; RESULTS.md ("The demo") measures what this choice changes.
 
 Region editing (DALL·E paper, figure 2): the codes of the cells overlapping the region are resampled in raster
 order while all other codes are fed as given, so the new content is consistent with the image after the region
@@ -38,7 +41,7 @@ from .models.dalle import DALLE, PAD_ID, empty_captions
 from .models.decoding import ImageStep
 from .runtime import device_of, eval_mode, unwrap
 from .transforms import load_image
-from .zero_shot import similarity
+from .zero_shot import encode_images
 
 DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
 NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
@@ -65,6 +68,7 @@ class Generation:
     seeds: list[int]  # the seed of each sample: n=1 with this seed regenerates it
     log_likelihood: torch.Tensor  # (M,) log p(codes | caption) in nats over the image tokens
     clip_scores: torch.Tensor | None  # (M,) CLIP cosine similarity with the prompt, or None without CLIP
+    clip_features: torch.Tensor | None = None  # (M, D) the images' L2-normalised CLIP features, or None without CLIP
 
 
 # ------------------------------------------------------------------------------------------ pure filters
@@ -308,6 +312,13 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], length: int) -> torch
 def clip_scores(clip: Any, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """CLIP cosine similarity (M,) of each image (M, 3, H, W) with its prompt, using a loaded CLIP bundle
     `(model, preprocess, tokenizer)` as returned by `clipdalle.clip.load` (images are resized to its input)."""
+    return clip_scores_and_features(clip, images, prompts)[0]
+
+
+def clip_scores_and_features(
+    clip: Any, images: torch.Tensor, prompts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`clip_scores` and the images' L2-normalised CLIP features (M, D), both on the CPU, each image encoded once."""
     if not isinstance(clip, (tuple, list)) or len(clip) != 3:
         raise ValueError(
             "clip must be the (model, preprocess, tokenizer) bundle returned by clipdalle.clip.load(path), "
@@ -315,13 +326,14 @@ def clip_scores(clip: Any, images: torch.Tensor, prompts: Sequence[str]) -> torc
         )
     clip_model, _, clip_tokenizer = clip
     clip_model = unwrap(clip_model)
-    scores = torch.empty(len(prompts))
     unique = list(dict.fromkeys(prompts))
-    text = clip_tokenizer(unique, clip_model.config.context_length)  # (P, ctx)
-    for index, prompt in enumerate(unique):
-        rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
-        scores[rows] = similarity(clip_model, images[rows], text[index : index + 1])[:, 0].float().cpu()
-    return scores
+    position = {prompt: index for index, prompt in enumerate(unique)}
+    text = clip_tokenizer(unique, clip_model.config.context_length)  # (U, ctx)
+    with torch.no_grad():
+        text_features = clip_model.encode_text(text.to(device_of(clip_model))).float().cpu()  # (U, D)
+        features = encode_images(clip_model, images).float().cpu()  # (M, D)
+    rows = torch.tensor([position[prompt] for prompt in prompts], dtype=torch.long)  # (M,) each image's prompt
+    return (features * text_features[rows]).sum(dim=1), features
 
 
 def best_per_group(scores: torch.Tensor, group_size: int, keep: int) -> torch.Tensor:
@@ -332,6 +344,34 @@ def best_per_group(scores: torch.Tensor, group_size: int, keep: int) -> torch.Te
     order = grouped.argsort(dim=1, descending=True, stable=True)[:, :keep]  # (P, keep)
     offsets = torch.arange(grouped.shape[0])[:, None] * group_size
     return (order + offsets).reshape(-1)  # (P*keep,)
+
+
+def consensus(features: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each sample's mean cosine similarity (M,) to the other samples of its group, from L2-normalised features
+    (M, D) in consecutive groups of `group_size`: how typical of its prompt's samples it is (0 for a group of 1)."""
+    if features.shape[0] % group_size:
+        raise ValueError(f"consensus: {features.shape[0]} samples do not split into groups of {group_size}")
+    grouped = features.reshape(-1, group_size, features.shape[-1])  # (P, n, D)
+    gram = grouped @ grouped.transpose(1, 2)  # (P, n, n)
+    others = gram.sum(dim=2) - gram.diagonal(dim1=1, dim2=2)  # (P, n) similarity to the other n - 1 samples
+    return (others / max(group_size - 1, 1)).reshape(-1)
+
+
+def shortlisted_per_group(
+    scores: torch.Tensor, features: torch.Tensor, group_size: int, keep: int, shortlist: int
+) -> torch.Tensor:
+    """Indices of the samples kept in each consecutive group of `group_size`: CLIP's `shortlist` x `keep` best
+    `scores` (at most the group) are the candidates, and the `keep` most typical of them (`consensus` over the
+    whole group) are kept, most typical first. `shortlist` 1 is `best_per_group`. Of two samples CLIP finds about
+    equally good, the one that looks like what the prompt usually gives is kept rather than an outlier (minimum
+    Bayes risk selection, with CLIP's image space as the measure of agreement)."""
+    if shortlist == 1:
+        return best_per_group(scores, group_size, keep)
+    count = min(group_size, shortlist * keep)
+    candidates = best_per_group(scores, group_size, count).view(-1, count)  # (P, count), CLIP's best first
+    typical = consensus(features, group_size)[candidates]  # (P, candidates)
+    order = typical.argsort(dim=1, descending=True, stable=True)[:, :keep]  # (P, keep)
+    return candidates.gather(1, order).reshape(-1)  # (P*keep,)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -350,6 +390,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     cond_scale: float = 1.0,
+    shortlist: int = 1,
     seed: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     should_stop: ShouldStop = None,
@@ -357,7 +398,9 @@ def generate(
     """`n` samples per prompt; returns the best `keep` (default all n) per prompt, best first.
 
     `clip` is a loaded CLIP bundle `(model, preprocess, tokenizer)` from `clipdalle.clip.load`: samples are
-    ranked by CLIP similarity with their prompt; without it, by log-likelihood. `top_k` counts image codes.
+    ranked by CLIP similarity with their prompt; without it, by log-likelihood. With `shortlist` > 1 (and a CLIP),
+    CLIP shortlists `shortlist` x `keep` samples per prompt and the `keep` most typical of them are returned
+    (`shortlisted_per_group`; the demo keeps the more typical of CLIP's best two). `top_k` counts image codes.
     `temperature` 0 is greedy. `cond_scale` > 1 strengthens the caption (classifier-free guidance; the model
     must have been trained with caption dropout). Sample i gets seed `seed + i` (prompt-major); without `seed`
     a random base is drawn and reported in `Generation.seeds`. `should_stop` (e.g. a server's "client left") is
@@ -366,7 +409,9 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("generate: got no prompts; give at least one (an empty string samples unconditionally)")
-    keep = _check_request(model, vae, tokenizer, n, keep, temperature, top_k, top_p, cond_scale, batch_size)
+    keep = _check_request(
+        model, vae, tokenizer, n, keep, clip, temperature, top_k, top_p, cond_scale, shortlist, batch_size
+    )
     device = model.start_of_image_embedding.device
     text = encode_prompts(tokenizer, prompts, model.config.text_length).to(device)  # (P, T)
     base = seed if seed is not None else secrets.randbelow(2**31)
@@ -377,7 +422,7 @@ def generate(
         codes, log_likelihood = _sample_batches(model, text[rows], seeds, batch_size, settings, should_stop=should_stop)
         images = _decode_batches(vae, codes, batch_size, should_stop)
     row_prompts = [prompts[int(index)] for index in rows]
-    return _select(images, codes, row_prompts, seeds, log_likelihood, clip, n, keep, vae.config.grid_size)
+    return _select(images, codes, row_prompts, seeds, log_likelihood, clip, n, keep, shortlist, vae.config.grid_size)
 
 
 def inpaint(
@@ -395,6 +440,7 @@ def inpaint(
     top_k: int | None = None,
     top_p: float | None = None,
     cond_scale: float = 1.0,
+    shortlist: int = 1,
     seed: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     blend_radius: int | None = None,
@@ -408,7 +454,9 @@ def inpaint(
     the original pixels outside the region exactly; inside, the decoded pixels are blended in over
     `blend_radius` pixels (default: a quarter of a cell) from its border. `should_stop` as in `generate`."""
     model, vae = unwrap(model), unwrap(vae)
-    keep = _check_request(model, vae, tokenizer, n, keep, temperature, top_k, top_p, cond_scale, batch_size)
+    keep = _check_request(
+        model, vae, tokenizer, n, keep, clip, temperature, top_k, top_p, cond_scale, shortlist, batch_size
+    )
     image = _check_image(image, vae)  # (1, 3, H, W)
     H, W = image.shape[-2:]
     mask = region_mask(region, H, W)  # (H, W)
@@ -422,8 +470,9 @@ def inpaint(
     radius = max(1, cell_size // 4) if blend_radius is None else blend_radius
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
     generation = _resample(
-        model, vae, tokenizer, image, cells, prompt, n, keep, clip, seed, batch_size, settings, should_stop
-    )
+        model, vae, tokenizer, image, cells, prompt, n, keep, clip, shortlist, seed, batch_size, settings,
+        should_stop,
+    )  # fmt: skip
     alpha = blend_weights(mask, radius).to(generation.images)  # (H, W)
     source = image.to(generation.images)
     blended = source * (1 - alpha) + generation.images * alpha  # (M, 3, H, W)
@@ -446,6 +495,7 @@ def variations(
     top_k: int | None = None,
     top_p: float | None = None,
     cond_scale: float = 1.0,
+    shortlist: int = 1,
     seed: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     should_stop: ShouldStop = None,
@@ -454,7 +504,9 @@ def variations(
     rest resampled given `prompt` (OpenAI primed DALL·E with the top rows of an image the same way). Ranked
     like `inpaint`; the images are decoded whole. `should_stop` as in `generate`."""
     model, vae = unwrap(model), unwrap(vae)
-    keep = _check_request(model, vae, tokenizer, n, keep, temperature, top_k, top_p, cond_scale, batch_size)
+    keep = _check_request(
+        model, vae, tokenizer, n, keep, clip, temperature, top_k, top_p, cond_scale, shortlist, batch_size
+    )
     grid = vae.config.grid_size
     keep_rows = grid // 2 if keep_rows is None else keep_rows
     if not 0 <= keep_rows < grid:
@@ -467,8 +519,9 @@ def variations(
     cells[keep_rows:] = True
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
     return _resample(
-        model, vae, tokenizer, image, cells, prompt, n, keep, clip, seed, batch_size, settings, should_stop
-    )
+        model, vae, tokenizer, image, cells, prompt, n, keep, clip, shortlist, seed, batch_size, settings,
+        should_stop,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ regions
@@ -550,10 +603,12 @@ def _check_request(
     tokenizer: Any,
     n: int,
     keep: int | None,
+    clip: Any,
     temperature: float,
     top_k: int | None,
     top_p: float | None,
     cond_scale: float,
+    shortlist: int,
     batch_size: int,
 ) -> int:
     """Validates what every public function takes; returns `keep` with its default (n)."""
@@ -584,6 +639,12 @@ def _check_request(
         raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
     if cond_scale < 0:
         raise ValueError(f"cond_scale must be >= 0 (1 = no guidance, 3 = strong guidance), got {cond_scale}")
+    if not isinstance(shortlist, int) or isinstance(shortlist, bool) or shortlist < 1:
+        raise ValueError(f"shortlist must be a whole number >= 1 (1 = keep CLIP's best), got {shortlist!r}")
+    if shortlist > 1 and clip is None:
+        raise ValueError(
+            f"shortlist={shortlist} needs a CLIP (clip=...) to shortlist and compare the samples; pass one or use 1"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     return keep
@@ -645,6 +706,7 @@ def _resample(
     n: int,
     keep: int,
     clip: Any,
+    shortlist: int,
     seed: int | None,
     batch_size: int,
     settings: dict,
@@ -663,7 +725,9 @@ def _resample(
             should_stop=should_stop,
         )  # text (n, T), resample (h*w,)  # fmt: skip
         images = _decode_batches(vae, codes, batch_size, should_stop)
-        return _select(images, codes, [prompt] * n, seeds, log_likelihood, clip, n, keep, vae.config.grid_size)
+        return _select(
+            images, codes, [prompt] * n, seeds, log_likelihood, clip, n, keep, shortlist, vae.config.grid_size
+        )
 
 
 def _select(
@@ -675,12 +739,17 @@ def _select(
     clip: Any,
     n: int,
     keep: int,
+    shortlist: int,
     grid: int,
 ) -> Generation:
-    """Scores every sample (CLIP, else log-likelihood) and keeps the best `keep` of each prompt's n."""
-    scores = clip_scores(clip, images, prompts) if clip is not None else None
-    ranking = scores if scores is not None else log_likelihood.float().cpu()
-    chosen = best_per_group(ranking, n, keep)  # (P*keep,)
+    """Scores every sample (CLIP, else log-likelihood) and keeps `keep` of each prompt's n: the best, or with
+    `shortlist` > 1 the most typical of CLIP's `shortlist` x `keep` best (`shortlisted_per_group`)."""
+    if clip is not None:
+        scores, features = clip_scores_and_features(clip, images, prompts)
+        chosen = shortlisted_per_group(scores, features, n, keep, shortlist)  # (P*keep,)
+    else:
+        scores = features = None
+        chosen = best_per_group(log_likelihood.float().cpu(), n, keep)  # (P*keep,)
     device_chosen = chosen.to(images.device)
     return Generation(
         images=images[device_chosen],
@@ -689,4 +758,5 @@ def _select(
         seeds=[seeds[int(i)] for i in chosen],
         log_likelihood=log_likelihood[chosen.to(log_likelihood.device)].cpu(),
         clip_scores=None if scores is None else scores[chosen],
+        clip_features=None if features is None else features[chosen],
     )

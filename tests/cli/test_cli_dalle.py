@@ -43,6 +43,12 @@ def test_generate_reranks_with_clip(capsys, tiny_runs, tiny_clip_run, tmp_path):
         assert first["clip_score"] >= second["clip_score"]
     assert all((out / r["file"]).exists() for r in results) and (out / "grid.png").exists()
     assert all(r["notice"] is None for r in results)  # training captions: nothing to warn about
+    shortlisted = tmp_path / "shortlisted"
+    args = ["--dalle", str(dalle), "--clip", str(tiny_clip_run), "a red circle", "-n", "4", "--keep", "1"]
+    code, _, err = run(capsys, "generate", *args, "--seed", "3", "--shortlist", "2", "--out", str(shortlisted))
+    assert code == 0, err
+    kept = json.loads((shortlisted / "results.json").read_text())
+    assert len(kept) == 1 and kept[0]["seed"] in {r["seed"] for r in results[:2]}  # one of CLIP's best two
     code, _, err = run(capsys, "generate", "--dalle", str(dalle), "a purple hexagon", "-n", "1", "--out", str(out))
     assert code == 0 and "warning: prompt 'a purple hexagon': not in this model's training set: purple, hexagon" in err
     assert json.loads((out / "results.json").read_text())[0]["notice"].endswith("expect a guess")
@@ -100,6 +106,10 @@ def test_sampling_errors_are_one_line(capsys, tiny_runs, shapes_32, tmp_path):
         capsys, "generate", "--dalle", str(dalle), "x", "-n", "2", "--keep", "3", "--out", str(tmp_path / "o")
     )
     assert code == 1 and "Traceback" not in err
+    code, _, err = run(
+        capsys, "generate", "--dalle", str(dalle), "x", "-n", "4", "--shortlist", "2", "--out", str(tmp_path / "o")
+    )
+    assert_one_line_error(code, err, "shortlist=2 needs a CLIP")
 
 
 def test_a_dalle_run_refuses_another_dvae(capsys, tiny_runs, shapes_32, tmp_path):

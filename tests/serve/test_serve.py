@@ -139,6 +139,36 @@ def test_prompt_suggestions_are_the_dalle_runs_training_captions(client):
     assert client.get("/api/prompts", params={"k": 51}).status_code == 422
 
 
+def test_a_pipeline_folder_samples_as_its_evaluation_measured(tiny_clip_run, tiny_runs, tmp_path):
+    from clipdalle.sampling import generate
+    from clipdalle.serve.common import data_url, png_bytes
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "clip").symlink_to(tiny_clip_run, target_is_directory=True)
+    (folder / "dalle").symlink_to(tiny_runs[1], target_is_directory=True)
+    (folder / "eval.json").write_text('{"settings": {"sampling": {"temperature": 0.5, "shortlist": 2}}}')
+    served = load_models(folder)
+    assert served.sampling == {"temperature": 0.5, "shortlist": 2}
+    body = local_client(create_app(served)).post(
+        "/api/generate", json={"prompt": "a red circle", "n": 6, "keep": 1, "seed": 3}
+    )
+    assert body.status_code == 200, body.text
+    expected = generate(
+        served.dalle, served.vae, served.tokenizer, "a red circle", n=6, keep=1, clip=served.clip, seed=3,
+        temperature=0.5, shortlist=2,
+    )  # fmt: skip
+    image = body.json()["images"][0]
+    assert image["seed"] == expected.seeds[0] and image["image"] == data_url(png_bytes(expected.images[0]))
+    bundle = (served.dalle, served.vae, served.tokenizer)
+    default = generate(*bundle, "a red circle", n=6, keep=1, clip=served.clip, seed=3)
+    assert image["image"] != data_url(png_bytes(default.images[0]))  # not generate()'s defaults
+    assert load_models(dalle=tiny_runs[1]).sampling == {}  # a DALL·E run on its own: generate()'s defaults
+    (folder / "eval.json").write_text('{"settings": {"sampling": {"temprature": 0.5}}}')
+    with pytest.raises(ValueError, match=r"eval.json: settings.sampling must be an object with keys among"):
+        load_models(folder)
+
+
 def test_generate_and_inpaint(client, shapes_32):
     request = {"prompt": "a red circle", "n": 3, "keep": 2, "seed": 7}
     response = client.post("/api/generate", json=request)

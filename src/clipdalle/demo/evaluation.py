@@ -375,12 +375,13 @@ def sample_prompts(
     bar: Any = None,
 ) -> dict[str, Any]:
     """`samples` CLIP-scored samples per prompt, GENERATION_BATCH sequences per generate() call, returned in draw
-    order: images (P, n, 3, H, W), codes (P, n, h, w), scores (P, n) (CLIP cosine with the prompt), and the number of
-    prompts longer than the model's text length (truncated)."""
-    from ..sampling import generate
+    order: images (P, n, 3, H, W), codes (P, n, h, w), scores (P, n) (CLIP cosine with the prompt), kept (P,) the
+    sample generate() keeps with keep=1 and these `sampling` settings (CLIP's best, or with `shortlist` the more
+    typical of its shortlist), and the number of prompts longer than the model's text length (truncated)."""
+    from ..sampling import generate, shortlisted_per_group
 
     per_call = max(1, GENERATION_BATCH // samples)
-    images, codes, scores = [], [], []
+    images, codes, scores, features = [], [], [], []
     truncated = 0
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start : start + per_call]
@@ -402,14 +403,17 @@ def sample_prompts(
         images.append(generation.images[order].cpu())
         codes.append(generation.codes[order].cpu())
         scores.append(generation.clip_scores[order])
+        features.append(generation.clip_features[order])
         if bar is not None:
             bar.update(len(chunk) * samples)
     P = len(prompts)
-    images_all = torch.cat(images)
+    images_all, scores_all = torch.cat(images), torch.cat(scores)
+    chosen = shortlisted_per_group(scores_all, torch.cat(features), samples, 1, sampling.get("shortlist", 1))  # (P,)
     return {
         "images": images_all.view(P, samples, *images_all.shape[1:]),  # (P, n, 3, H, W)
         "codes": torch.cat(codes).view(P, samples, *codes[0].shape[1:]),  # (P, n, h, w)
-        "scores": torch.cat(scores).view(P, samples),  # (P, n)
+        "scores": scores_all.view(P, samples),  # (P, n)
+        "kept": chosen - torch.arange(P) * samples,  # (P,) index within each prompt's samples
         "truncated_prompts": truncated,
     }
 
@@ -471,7 +475,7 @@ def set_figures(
     flat = images.flatten(0, 1)  # (P*n, 3, H, W), prompt-major
     repeated_names = [name for name in names for _ in range(n)]
     repeated_colours = [index for index in colour_indices for _ in range(n)]
-    kept = scores.argmax(dim=1)  # (P,) CLIP's choice, as generate() ranks
+    kept = generated["kept"]  # (P,) the sample generate() keeps
     rows = torch.arange(P)
 
     hits = colour_hits(flat, repeated_colours).view(P, n)  # (P, n)
@@ -675,7 +679,7 @@ def gallery_rows(
             continue
         name, colour = pairs[index]
         scores = generated["scores"][index]
-        kept = int(scores.argmax())
+        kept = int(generated["kept"][index])
         prompt = caption_of(name, colour)
         label = "seen" if split == "seen" else "validation"
         rows.append(
@@ -802,6 +806,7 @@ def save_samples(path: Path, pair_sets: dict, generated: dict, tensors: dict) ->
             "hits": tensors[split]["hits"],  # (P, n)
             "ranks": tensors[split]["ranks"],  # (P, n)
             "scores": generated[split]["scores"],  # (P, n)
+            "kept": generated[split]["kept"],  # (P,)
         }
     atomic_write(path, lambda temporary: torch.save(values, temporary))
 

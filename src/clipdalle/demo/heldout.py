@@ -219,7 +219,7 @@ def sample_figures(
     judge_model, _, judge_tokenizer = judge
     images, codes, scores = generated["images"], generated["codes"], generated["scores"]
     P, n = scores.shape
-    kept = scores.argmax(dim=1)  # (P,) the run's own CLIP's choice
+    kept = generated["kept"]  # (P,) the sample the run's own CLIP keeps
     rows = torch.arange(P)
     features = encode_images(judge_model, images.flatten(0, 1)).view(P, n, -1)  # (P, n, D)
     prompt_features = encode_texts(judge_model, judge_tokenizer, prompts)  # (P, D)
@@ -384,7 +384,7 @@ def evaluate_collection(
     for split, label in (("train", "training caption"), ("val", "held-out caption")):
         for index in range(min(GALLERY_ROWS, len(texts[split]))):
             shown = generated[split]["scores"][index][:GALLERY_SAMPLES]
-            kept = int(generated[split]["scores"][index].argmax())
+            kept = int(generated[split]["kept"][index])
             rows.append(
                 {
                     "title": f"{label}: {texts[split][index]}",

@@ -1,6 +1,7 @@
 """What a server holds: the models (loaded once, then shared by every request) and its settings.
 
-models = load_models("runs/demo")                      # RUN/index, RUN/clip, RUN/dalle when present
+models = load_models("runs/demo")                      # RUN/index, RUN/clip, RUN/dalle when present; the
+                                                       # sampling settings its evaluation measured (RUN/eval.json)
 models = load_models(index="INDEX", dalle="runs/dalle")  # or each part on its own
 app = create_app(models, ServeSettings(api_key="..."))
 """
@@ -66,6 +67,9 @@ class ServeModels:
     tokenizer: Any = None  # the DALL·E model's caption tokenizer (RUN/tokenizer.json)
     prompts: Any = None  # clipdalle.prompts.TrainingPrompts of the DALL·E run (RUN/prompts.json), or None
     captioner: Any = None  # (model, dVAE, tokenizer) of a captioner run (clipdalle.caption.load_captioner), or None
+    # generate()/inpaint()/variations() settings for every generation route: those the pipeline's evaluation
+    # measured (RUN/eval.json "settings.sampling", e.g. the demo's temperature 0.85 and shortlist 2), or none
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.index is not None and self.clip is None:
@@ -76,6 +80,10 @@ class ServeModels:
             self.clip = (model, functools.partial(load_image, size=model.config.image_size), self.index.tokenizer)
         if self.dalle is not None and (self.vae is None or self.tokenizer is None):
             raise ValueError("ServeModels: a DALL·E model needs its dVAE (vae=) and caption tokenizer (tokenizer=)")
+
+    def sampling_settings(self, reranked: bool = True) -> dict[str, Any]:
+        """`sampling` for one call: without `shortlist` where the call ranks without CLIP."""
+        return {key: value for key, value in self.sampling.items() if reranked or key != "shortlist"}
 
     @property
     def image_size(self) -> int | None:
@@ -134,4 +142,24 @@ def load_models(
 
         models.captioner = load_captioner(captioner, device)
     models.__post_init__()
+    if pipeline_dir is not None and models.dalle is not None and dalle == found.get("dalle"):
+        models.sampling = evaluated_sampling(Path(pipeline_dir) / "eval.json", has_clip=models.clip is not None)
     return models
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cond_scale", "shortlist")
+
+
+def evaluated_sampling(path: Path, has_clip: bool) -> dict[str, Any]:
+    """The sampling settings a pipeline's evaluation used (`settings.sampling` of its eval.json), so the page and
+    the APIs sample as the report measured; {} when the file is absent. `shortlist` is dropped without a CLIP."""
+    from ..io import read_json
+
+    if not path.is_file():
+        return {}
+    sampling = read_json(path).get("settings", {}).get("sampling") or {}
+    if not isinstance(sampling, dict) or set(sampling) - set(SAMPLING_KEYS):
+        raise ValueError(
+            f"{path}: settings.sampling must be an object with keys among {', '.join(SAMPLING_KEYS)}, got {sampling!r}"
+        )
+    return {key: value for key, value in sampling.items() if has_clip or key != "shortlist"}
