@@ -6,6 +6,7 @@ does on the very same samples: the named icon's shape and the prompt's colour, p
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/seeds/seed-1/eval/samples.pt runs/demo/clip --seed 1
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --colour-weight 2
     .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --shortlist 1 2 3
+    .venv/bin/python benchmarks/rerank_experiment.py runs/demo/eval/samples.pt runs/demo/clip --consensus-weight 1
 
 Besides the colour and rank-1 figures, each row gives the verdicts of the quality bar's three "reranking helps" targets
 (colour, shape, CLIP R-precision; `clipdalle.demo.evaluation.quality_bar`) with the candidate CLIP choosing the kept
@@ -33,7 +34,7 @@ from clipdalle.demo.evaluation import (
     shape_reranking_helps,
 )
 from clipdalle.pretrained import load
-from clipdalle.sampling import shortlisted_per_group
+from clipdalle.sampling import consensus, shortlisted_per_group
 from clipdalle.zero_shot import encode_images, encode_texts
 
 
@@ -48,7 +49,13 @@ def prompt_features(model, tokenizer, names: list[str], colours: list[str], ense
 
 
 def rescore(
-    samples: dict, clip: str, ensemble: bool, seed: int = 0, colour_weight: float = 0.0, shortlist: int = 1
+    samples: dict,
+    clip: str,
+    ensemble: bool,
+    seed: int = 0,
+    colour_weight: float = 0.0,
+    shortlist: int = 1,
+    consensus_weight: float = 0.0,
 ) -> dict[str, dict]:
     model, _, tokenizer = load(clip)
     rows = {}
@@ -68,6 +75,8 @@ def rescore(
         scores = (features * text[:, None]).sum(-1)  # (P, n)
         if bare is not None:
             scores = scores + colour_weight * (features * bare[:, None]).sum(-1)
+        if consensus_weight:
+            scores = scores + consensus_weight * consensus(features.flatten(0, 1), n).view(P, n)
         flat = shortlisted_per_group(scores.flatten(), features.flatten(0, 1), n, 1, shortlist)  # (P,)
         kept = flat - torch.arange(P) * n  # (P,) the kept sample as generate(shortlist=...) keeps it
         hits, ranks = values["hits"], values["ranks"]
@@ -118,6 +127,13 @@ def main() -> None:
         metavar="K",
         help="keep the most typical of CLIP's K best (clipdalle.sampling.shortlisted_per_group); a row per K",
     )
+    parser.add_argument(
+        "--consensus-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="add W x each sample's mean CLIP-image similarity to its prompt's other samples to its score",
+    )
     args = parser.parse_args()
     samples = torch.load(args.samples, weights_only=True)
     print(
@@ -129,9 +145,12 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     weight = f" (+ {args.colour_weight:g} x colour)" if args.colour_weight else ""
+    weight += f" (+ {args.consensus_weight:g} x consensus)" if args.consensus_weight else ""
     for clip in args.clips:
         for shortlist in args.shortlist:
-            rows = rescore(samples, clip, args.ensemble, args.seed, args.colour_weight, shortlist)
+            rows = rescore(
+                samples, clip, args.ensemble, args.seed, args.colour_weight, shortlist, args.consensus_weight
+            )
             label = clip + (" (ensemble)" if args.ensemble else "") + weight
             label += f", shortlist {shortlist}" if shortlist > 1 else ""
             for split, row in rows.items():

@@ -875,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=1,
             help="with --clip: CLIP shortlists this many x --keep samples per prompt and the most typical of them "
-            "are kept (1: CLIP's best; the demo uses 2)",
+            "are kept (1: CLIP's best)",
         )
         sub.add_argument("--seed", type=int, default=None, help="base seed (sample i gets seed + i)")
         sub.add_argument("--batch-size", type=int, default=64, help="samples decoded at once")

@@ -400,7 +400,7 @@ def generate(
     `clip` is a loaded CLIP bundle `(model, preprocess, tokenizer)` from `clipdalle.clip.load`: samples are
     ranked by CLIP similarity with their prompt; without it, by log-likelihood. With `shortlist` > 1 (and a CLIP),
     CLIP shortlists `shortlist` x `keep` samples per prompt and the `keep` most typical of them are returned
-    (`shortlisted_per_group`; the demo keeps the more typical of CLIP's best two). `top_k` counts image codes.
+    (`shortlisted_per_group`). `top_k` counts image codes.
     `temperature` 0 is greedy. `cond_scale` > 1 strengthens the caption (classifier-free guidance; the model
     must have been trained with caption dropout). Sample i gets seed `seed + i` (prompt-major); without `seed`
     a random base is drawn and reported in `Generation.seeds`. `should_stop` (e.g. a server's "client left") is

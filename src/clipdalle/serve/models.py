@@ -68,7 +68,7 @@ class ServeModels:
     prompts: Any = None  # clipdalle.prompts.TrainingPrompts of the DALL·E run (RUN/prompts.json), or None
     captioner: Any = None  # (model, dVAE, tokenizer) of a captioner run (clipdalle.caption.load_captioner), or None
     # generate()/inpaint()/variations() settings for every generation route: those the pipeline's evaluation
-    # measured (RUN/eval.json "settings.sampling", e.g. the demo's temperature 0.85 and shortlist 2), or none
+    # measured (RUN/eval.json "settings.sampling", e.g. the demo's temperature 0.85), or none
     sampling: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
