@@ -21,6 +21,7 @@ bootstrap intervals over the prompts (clipdalle.demo.evaluation.set_intervals). 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,16 +49,20 @@ def prompt_features(model, tokenizer, names: list[str], colours: list[str], ense
     return torch.nn.functional.normalize(flat.view(len(names), count, -1).mean(1), dim=-1)
 
 
-def rescore(
-    samples: dict,
-    clip: str,
-    ensemble: bool,
-    seed: int = 0,
-    colour_weight: float = 0.0,
-    shortlist: int = 1,
-    consensus_weight: float = 0.0,
-) -> dict[str, dict]:
+@dataclass(frozen=True)
+class Rule:
+    """How the kept sample is chosen: the prompt's features (`ensemble`: the mean of the five phrasings), extra
+    score terms (W x the bare colour prompt's similarity, W x `sampling.consensus`) and the shortlist."""
+
+    ensemble: bool = False
+    colour_weight: float = 0.0
+    consensus_weight: float = 0.0
+    shortlist: int = 1
+
+
+def rescore(samples: dict, clip: str, rule: Rule, seed: int = 0) -> dict[str, dict]:
     model, _, tokenizer = load(clip)
+    ensemble, colour_weight, consensus_weight = rule.ensemble, rule.colour_weight, rule.consensus_weight
     rows = {}
     for split, values in samples.items():
         images = values["images"].float().div(255)  # (P, n, 3, H, W)
@@ -77,7 +82,7 @@ def rescore(
             scores = scores + colour_weight * (features * bare[:, None]).sum(-1)
         if consensus_weight:
             scores = scores + consensus_weight * consensus(features.flatten(0, 1), n).view(P, n)
-        flat = shortlisted_per_group(scores.flatten(), features.flatten(0, 1), n, 1, shortlist)  # (P,)
+        flat = shortlisted_per_group(scores.flatten(), features.flatten(0, 1), n, 1, rule.shortlist)  # (P,)
         kept = flat - torch.arange(P) * n  # (P,) the kept sample as generate(shortlist=...) keeps it
         hits, ranks = values["hits"], values["ranks"]
         index = torch.arange(P)
@@ -148,9 +153,8 @@ def main() -> None:
     weight += f" (+ {args.consensus_weight:g} x consensus)" if args.consensus_weight else ""
     for clip in args.clips:
         for shortlist in args.shortlist:
-            rows = rescore(
-                samples, clip, args.ensemble, args.seed, args.colour_weight, shortlist, args.consensus_weight
-            )
+            rule = Rule(args.ensemble, args.colour_weight, args.consensus_weight, shortlist)
+            rows = rescore(samples, clip, rule, args.seed)
             label = clip + (" (ensemble)" if args.ensemble else "") + weight
             label += f", shortlist {shortlist}" if shortlist > 1 else ""
             for split, row in rows.items():
