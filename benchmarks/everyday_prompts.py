@@ -40,7 +40,7 @@ def main() -> None:
     evaluated = args.out / "eval.json"
     if not evaluated.is_file():
         raise SystemExit(f"{evaluated} not found; expected a demo folder whose evaluation has run")
-    sampling = json.loads(evaluated.read_text())["settings"]["sampling"]  # the demo's own (temperature, shortlist)
+    sampling = json.loads(evaluated.read_text())["settings"]["sampling"]  # the settings the demo evaluated with
 
     info = json.loads((args.data / "info.json").read_text())
     model, vae, tokenizer = checkpoint.load_dalle(args.out / "dalle")
