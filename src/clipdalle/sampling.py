@@ -41,7 +41,7 @@ from .models.dalle import DALLE, PAD_ID, empty_captions
 from .models.decoding import ImageStep
 from .runtime import device_of, eval_mode, unwrap
 from .transforms import load_image
-from .zero_shot import encode_images
+from .zero_shot import encode_images, encode_texts
 
 DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
 NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
@@ -328,9 +328,8 @@ def clip_scores_and_features(
     clip_model = unwrap(clip_model)
     unique = list(dict.fromkeys(prompts))
     position = {prompt: index for index, prompt in enumerate(unique)}
-    text = clip_tokenizer(unique, clip_model.config.context_length)  # (U, ctx)
     with torch.no_grad():
-        text_features = clip_model.encode_text(text.to(device_of(clip_model))).float().cpu()  # (U, D)
+        text_features = encode_texts(clip_model, clip_tokenizer, unique).float().cpu()  # (U, D)
         features = encode_images(clip_model, images).float().cpu()  # (M, D)
     rows = torch.tensor([position[prompt] for prompt in prompts], dtype=torch.long)  # (M,) each image's prompt
     return (features * text_features[rows]).sum(dim=1), features

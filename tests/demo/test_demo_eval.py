@@ -94,6 +94,17 @@ def test_samples_come_back_in_draw_order_with_their_clip_scores(evaluated):
     prompt_features = encode_texts(bundle[0], bundle[2], prompts)  # (2, D)
     own = (features.view(2, 3, -1) * prompt_features[:, None]).sum(-1)  # (2, 3)
     assert torch.allclose(own, sampled["scores"], atol=1e-5)
+    assert torch.equal(sampled["kept"], sampled["scores"].argmax(1))  # no shortlist: CLIP's best
+    # With a shortlist the evaluation judges the very sample generate() keeps with keep=1 and the same settings.
+    changed = False
+    for shortlist in (2, 3):
+        listed = demo_eval.sample_prompts(
+            model, vae, tokenizer, bundle, prompts, 6, seed=7, sampling={"shortlist": shortlist}
+        )
+        kept = generate(model, vae, tokenizer, prompts, n=6, keep=1, clip=bundle, seed=7, shortlist=shortlist)
+        assert listed["kept"].tolist() == [seed - 7 - 6 * prompt for prompt, seed in enumerate(kept.seeds)]
+        changed |= not torch.equal(listed["kept"], listed["scores"].argmax(1))
+    assert changed, "no shortlist moved the kept sample here; the check above would pass without it"
 
 
 def test_evaluate_demo_names_a_missing_run(few_icons, tmp_path):

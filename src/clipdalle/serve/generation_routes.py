@@ -83,7 +83,7 @@ def generation_router(context: ServeContext) -> APIRouter:
         def job() -> dict:
             generation = generate(
                 models.dalle, models.vae, models.tokenizer, [prompt], n=body.n, keep=keep, clip=models.clip,
-                seed=body.seed, should_stop=stop.is_set, **models.sampling_settings(models.clip is not None),
+                seed=body.seed, should_stop=stop.is_set, **models.sampling_settings(models.clip),
             )  # fmt: skip
             return generated(generation, prompt)
 
@@ -119,7 +119,7 @@ def generation_router(context: ServeContext) -> APIRouter:
         def job() -> dict:
             generation = inpaint(
                 models.dalle, models.vae, models.tokenizer, pixels, mapped, prompt, n=n, keep=keep, clip=models.clip,
-                should_stop=stop.is_set, **models.sampling_settings(models.clip is not None),
+                should_stop=stop.is_set, **models.sampling_settings(models.clip),
             )  # fmt: skip
             return generated(generation, prompt)
 

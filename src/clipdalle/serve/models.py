@@ -81,9 +81,9 @@ class ServeModels:
         if self.dalle is not None and (self.vae is None or self.tokenizer is None):
             raise ValueError("ServeModels: a DALL·E model needs its dVAE (vae=) and caption tokenizer (tokenizer=)")
 
-    def sampling_settings(self, reranked: bool = True) -> dict[str, Any]:
-        """`sampling` for one call: without `shortlist` where the call ranks without CLIP."""
-        return {key: value for key, value in self.sampling.items() if reranked or key != "shortlist"}
+    def sampling_settings(self, clip: Any) -> dict[str, Any]:
+        """`sampling` for one call that ranks with `clip` (a bundle, or None): without `shortlist` when None."""
+        return {key: value for key, value in self.sampling.items() if clip is not None or key != "shortlist"}
 
     @property
     def image_size(self) -> int | None:
@@ -143,16 +143,16 @@ def load_models(
         models.captioner = load_captioner(captioner, device)
     models.__post_init__()
     if pipeline_dir is not None and models.dalle is not None and dalle == found.get("dalle"):
-        models.sampling = evaluated_sampling(Path(pipeline_dir) / "eval.json", has_clip=models.clip is not None)
+        models.sampling = evaluated_sampling(Path(pipeline_dir) / "eval.json")
     return models
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cond_scale", "shortlist")
 
 
-def evaluated_sampling(path: Path, has_clip: bool) -> dict[str, Any]:
+def evaluated_sampling(path: Path) -> dict[str, Any]:
     """The sampling settings a pipeline's evaluation used (`settings.sampling` of its eval.json), so the page and
-    the APIs sample as the report measured; {} when the file is absent. `shortlist` is dropped without a CLIP."""
+    the APIs sample as the report measured; {} when the file is absent."""
     from ..io import read_json
 
     if not path.is_file():
@@ -162,4 +162,4 @@ def evaluated_sampling(path: Path, has_clip: bool) -> dict[str, Any]:
         raise ValueError(
             f"{path}: settings.sampling must be an object with keys among {', '.join(SAMPLING_KEYS)}, got {sampling!r}"
         )
-    return {key: value for key, value in sampling.items() if has_clip or key != "shortlist"}
+    return dict(sampling)

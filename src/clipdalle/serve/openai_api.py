@@ -220,7 +220,7 @@ def openai_router(context: ServeContext) -> APIRouter:
             # Each image is the best of `candidates` samples of its own: n prompts, `candidates` samples each.
             return generate(
                 models.dalle, models.vae, models.tokenizer, [prompt] * n, n=candidates, keep=1, clip=models.clip,
-                should_stop=stop.is_set, **models.sampling_settings(models.clip is not None),
+                should_stop=stop.is_set, **models.sampling_settings(models.clip),
             ).images  # fmt: skip
 
         images = await queue.run(job, client_gone=request.is_disconnected, stop=stop)
@@ -279,7 +279,7 @@ def openai_router(context: ServeContext) -> APIRouter:
         def job() -> Any:
             return inpaint(
                 models.dalle, models.vae, models.tokenizer, pixels, region, prompt, n=n * candidates, keep=n,
-                clip=models.clip, should_stop=stop.is_set, **models.sampling_settings(models.clip is not None),
+                clip=models.clip, should_stop=stop.is_set, **models.sampling_settings(models.clip),
             ).images  # fmt: skip
 
         results = await queue.run(job, client_gone=request.is_disconnected, stop=stop)
@@ -308,7 +308,7 @@ def openai_router(context: ServeContext) -> APIRouter:
             # No prompt: the lower half of the code grid is resampled unconditionally (the empty caption).
             return variations(
                 models.dalle, models.vae, models.tokenizer, pixels, "", n=n, should_stop=stop.is_set,
-                **models.sampling_settings(reranked=False),
+                **models.sampling_settings(None),
             ).images  # fmt: skip
 
         results = await queue.run(job, client_gone=request.is_disconnected, stop=stop)
