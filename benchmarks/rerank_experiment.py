@@ -31,8 +31,8 @@ from clipdalle.demo.evaluation import (
     R_PRECISION_R,
     r_precision_hits,
     rank_summary,
+    reranking_helps,
     set_intervals,
-    shape_reranking_helps,
 )
 from clipdalle.pretrained import load
 from clipdalle.sampling import consensus, shortlisted_per_group
@@ -102,11 +102,7 @@ def rescore(samples: dict, clip: str, rule: Rule, seed: int = 0) -> dict[str, di
             "rank1_gain": intervals["shape_within_1_gain"],
             "colour_gain": intervals["colour_gain"],
             "median": (per_sample["median"], best["median"]),
-            "helps": {
-                "colour": intervals["colour_gain"][0] > 0 or colour_kept == 1.0,
-                "shape": shape_reranking_helps(best, per_sample, intervals),
-                "R-precision": intervals["r_precision_gain"][0] > 0,
-            },
+            "helps": reranking_helps(intervals, colour_kept, best, per_sample),
         }
     return rows
 

@@ -139,7 +139,7 @@ def test_prompt_suggestions_are_the_dalle_runs_training_captions(client):
     assert client.get("/api/prompts", params={"k": 51}).status_code == 422
 
 
-def test_a_pipeline_folder_samples_as_its_evaluation_measured(tiny_clip_run, tiny_runs, tmp_path):
+def test_a_pipeline_folder_samples_as_its_evaluation_measured(tiny_clip_run, tiny_runs, tmp_path, monkeypatch):
     from clipdalle.sampling import generate
     from clipdalle.serve.common import data_url, png_bytes
 
@@ -163,6 +163,26 @@ def test_a_pipeline_folder_samples_as_its_evaluation_measured(tiny_clip_run, tin
     bundle = (served.dalle, served.vae, served.tokenizer)
     default = generate(*bundle, "a red circle", n=6, keep=1, clip=served.clip, seed=3)
     assert image["image"] != data_url(png_bytes(default.images[0]))  # not generate()'s defaults
+    # The OpenAI routes sample the same way; variations, which rank without CLIP, without the shortlist.
+    from clipdalle.serve import openai_api
+
+    calls = []
+    for name in ("generate", "variations"):
+        real = getattr(openai_api, name)
+        monkeypatch.setattr(
+            openai_api, name, lambda *a, _real=real, _name=name, **k: calls.append((_name, k)) or _real(*a, **k)
+        )
+    client = local_client(create_app(served))
+    response = client.post("/v1/images/generations", json={"prompt": "a red circle", "response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    upload = {"image": ("icon.png", png_bytes(expected.images[0]), "image/png")}
+    response = client.post("/v1/images/variations", files=upload, data={"response_format": "b64_json"})
+    assert response.status_code == 200, response.text
+    settings = {name: {key: kwargs.get(key) for key in ("temperature", "shortlist")} for name, kwargs in calls}
+    assert settings == {
+        "generate": {"temperature": 0.5, "shortlist": 2},
+        "variations": {"temperature": 0.5, "shortlist": None},
+    }
     assert load_models(dalle=tiny_runs[1]).sampling == {}  # a DALL·E run on its own: generate()'s defaults
     (folder / "eval.json").write_text('{"settings": {"sampling": {"temprature": 0.5}}}')
     with pytest.raises(ValueError, match=r"eval.json: settings.sampling must be an object with keys among"):

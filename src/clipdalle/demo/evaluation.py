@@ -257,12 +257,13 @@ def quality_bar(metrics: dict[str, Any], vae_eval: dict[str, Any] | None, preset
         else:
             add(f"Shape: median rank of the named icon, best of {n}, {label}", "reported", shape_text, None)
         gain = intervals["colour_gain"]
+        helps = reranking_helps(intervals, colour["best_of_n"], shape["best_of_n"], shape["per_sample"])
         add(
             f"Reranking helps colour, {label}",
             "best of n > per sample (95 % CI of the gain above 0, or every kept image right)",
             f"{100 * colour['best_of_n']:.1f} % vs {100 * colour['per_sample']:.1f} %; gain "
             f"{percent_interval(gain)} points",
-            gain[0] > 0 or colour["best_of_n"] == 1.0,
+            helps["colour"],
         )
         add(
             f"Reranking helps shape, {label}",
@@ -272,7 +273,7 @@ def quality_bar(metrics: dict[str, Any], vae_eval: dict[str, Any] | None, preset
             f"vs {100 * shape['per_sample']['within_1']:.1f} % "
             f"(gain {percent_interval(intervals['shape_within_1_gain'])} points); top 10: "
             f"{100 * shape['best_of_n']['within_10']:.1f} % vs {100 * shape['per_sample']['within_10']:.1f} %",
-            shape_reranking_helps(shape["best_of_n"], shape["per_sample"], intervals),
+            helps["shape"],
         )
         precision = figures["r_precision"]
         gain = intervals["r_precision_gain"]
@@ -281,9 +282,22 @@ def quality_bar(metrics: dict[str, Any], vae_eval: dict[str, Any] | None, preset
             "kept > random (95 % CI of the gain above 0)",
             f"{100 * precision['kept']:.1f} % vs {100 * precision['random']:.1f} %; "
             f"gain {percent_interval(gain)} points",
-            gain[0] > 0,
+            helps["R-precision"],
         )
     return rows
+
+
+def reranking_helps(
+    intervals: dict[str, list], colour_kept: float, best: dict[str, float], per_sample: dict[str, float]
+) -> dict[str, bool]:
+    """The quality bar's three "reranking helps" verdicts for one set: colour (the gain's interval above 0, or every
+    kept image right; `colour_kept` is the kept samples' colour share), shape (`shape_reranking_helps` on the kept
+    and per-sample `rank_summary`) and CLIP R-precision (its gain's interval above 0)."""
+    return {
+        "colour": intervals["colour_gain"][0] > 0 or colour_kept == 1.0,
+        "shape": shape_reranking_helps(best, per_sample, intervals),
+        "R-precision": intervals["r_precision_gain"][0] > 0,
+    }
 
 
 def shape_reranking_helps(best: dict[str, float], per_sample: dict[str, float], intervals: dict[str, list]) -> bool:
