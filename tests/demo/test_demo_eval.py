@@ -21,14 +21,15 @@ from clipdalle.zero_shot import encode_images, encode_texts
 def test_evaluate_demo_returns_every_figure_in_range(evaluated):
     out, _, metrics = evaluated
     json.dumps(metrics)  # the pipeline writes it to OUT/eval.json as is
-    for split in ("seen", "val"):
+    assert metrics["settings"]["prompts_per_set"] == {"seen": 8, "val": 12}
+    for split, prompts in (("seen", 8), ("val", 12)):
         figures = metrics["generation"][split]
-        assert figures["prompts"] == 8 and figures["samples"] == 4 and figures["truncated_prompts"] == 0
+        assert figures["prompts"] == prompts and figures["samples"] == 4 and figures["truncated_prompts"] == 0
         colour = figures["colour_fidelity"]
         for key in ("per_sample", "best_of_n", "real_icons", "dvae_reconstructions"):
             assert 0 <= colour[key] <= 1, key
         assert colour["real_icons"] == 1.0  # the judge on the real icons of the prompts
-        assert set(colour["per_sample_by_colour"]) == set(icons.PALETTE)  # 8 prompts cycle through all 8 colours
+        assert set(colour["per_sample_by_colour"]) == set(icons.PALETTE)  # 8+ prompts cycle through all 8 colours
         misses = colour["kept_misses"]  # every kept sample the judge calls wrong, with its ink's core colour
         assert len(misses) == round((1 - colour["best_of_n"]) * figures["prompts"])
         for miss in misses:
@@ -40,10 +41,10 @@ def test_evaluate_demo_returns_every_figure_in_range(evaluated):
         for key in ("per_sample", "best_of_n", "oracle_best_of_n", "dvae_reconstructions", "chance"):
             assert 1 <= shape[key]["median"] <= shape["icons"], key
             assert 0 <= shape[key]["within_1"] <= shape[key]["within_10"] <= shape[key]["within_100"] <= 1, key
-        assert shape["per_sample"]["count"] == 32 and shape["best_of_n"]["count"] == 8
+        assert shape["per_sample"]["count"] == 4 * prompts and shape["best_of_n"]["count"] == prompts
         assert shape["real_icons"]["median"] == 1 and shape["real_icons"]["within_1"] == 1.0
         assert shape["oracle_best_of_n"]["median"] <= shape["best_of_n"]["median"]
-        assert figures["r_precision"]["r"] == 8
+        assert figures["r_precision"]["r"] == prompts  # all other prompts of the set compete (fewer than R_PRECISION_R)
         assert 0 <= figures["r_precision"]["kept"] <= 1 and 0 <= figures["r_precision"]["random"] <= 1
         assert figures["clip_score"]["kept_mean"] >= figures["clip_score"]["all_mean"]  # kept = CLIP's best
     zero_shot = metrics["zero_shot"]
@@ -114,6 +115,8 @@ def test_evaluate_demo_names_a_missing_run(few_icons, tmp_path):
         demo_eval.evaluate_demo(tmp_path / "out", tmp_path / "data", seen_names=SEEN_ICONS, val_names=VAL_ICONS)
     with pytest.raises(ValueError, match=r"at least 2 prompts per set .* got prompts=1"):
         demo_eval.evaluate_demo(tmp_path, tmp_path / "data", seen_names=SEEN_ICONS, val_names=VAL_ICONS, prompts=1)
+    with pytest.raises(ValueError, match=r"at least 2 prompts per set .* val_prompts=1"):
+        demo_eval.evaluate_demo(tmp_path, tmp_path / "data", seen_names=SEEN_ICONS, val_names=VAL_ICONS, val_prompts=1)
 
 
 # ------------------------------------------------------------------------------------------ judges
@@ -151,6 +154,12 @@ def test_prompt_set_is_seeded_and_cycles_colours():
     assert first != demo_eval.prompt_set(SEEN_ICONS, 8, 4, colours)
     long = demo_eval.prompt_set(SEEN_ICONS[:3], 7, 0, colours)
     assert len(long) == 7 and {name for name, _ in long} == set(SEEN_ICONS[:3])
+    # more prompts than icons: no (icon, colour) pair twice until every icon has met every colour
+    for names, count in ((SEEN_ICONS[:3], 24), (SEEN_ICONS[:5], 37), (SEEN_ICONS, 100)):
+        pairs = demo_eval.prompt_set(names, count, 1, colours)
+        assert len(pairs) == count and len(set(pairs)) == min(count, len(names) * len(colours))
+    every = demo_eval.prompt_set(SEEN_ICONS[:3], 26, 2, colours)  # all 24 pairs, then the next pass begins
+    assert set(every[:24]) == {(name, colour) for name in SEEN_ICONS[:3] for colour in colours}
     with pytest.raises(ValueError, match="no icon names"):
         demo_eval.prompt_set([], 4, 0, colours)
 

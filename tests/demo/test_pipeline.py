@@ -49,7 +49,7 @@ def tiny_spec(dalle_train=None, clip_model=None, vae_train=None):
             "colour_captions": 1,  # and those icons once more, captioned by their colour alone
         },
         "dalle": {"preset": "tiny", "families": 3, "train": {"steps": 20, **QUIET, **(dalle_train or {})}},
-        "eval": {"prompts": 4, "samples": 4, "seed": 0},
+        "eval": {"prompts": 4, "val_prompts": 6, "samples": 4, "seed": 0},  # the validation set has its own count
         "threads": 1,
         "expected_s": {name: 1 for name in STAGES},
     }
@@ -110,7 +110,8 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
     assert sorted(dalle_data["train"]) == sorted(subset["names"])
     assert len(dalle_data["val"]) == 3  # validation icons feed DALL·E's validation loss
     assert json.loads((out / "index" / "info.json").read_text())["count"] == 6
-    assert json.loads((out / "eval.json").read_text())
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert [evaluation["generation"][split]["prompts"] for split in ("seen", "val")] == [4, 6]
     html = (out / "report.html").read_text()
     assert "<html" in html.lower() and "data:image/png;base64," in html
 

@@ -94,19 +94,29 @@ DEFINITIONS = {
 
 
 def prompt_set(names: list[str], count: int, seed: int, colours: list[str]) -> list[tuple[str, str]]:
-    """`count` (icon, colour) pairs: icons drawn without replacement by a seeded generator (the list repeats,
-    reshuffled, when it is shorter than `count`), colours cycled in palette order."""
+    """`count` (icon, colour) pairs: icons drawn without replacement by a seeded generator, in passes over the list
+    (reshuffled each pass) when it is shorter than `count`; colours cycle in palette order over the draws, except
+    that an icon never gets a colour twice before it has had them all (the next unused one in palette order), so no
+    pair repeats while there are unused ones."""
     if not names:
         raise ValueError("prompt_set: got no icon names; expected at least one (seen_names / val_names)")
     if count < 1:
         raise ValueError(f"prompt_set: count must be at least 1 prompt, got {count}")
     rng = np.random.default_rng(seed)
-    pool = sorted(names)
-    chosen: list[str] = []
-    while len(chosen) < count:
-        order = rng.permutation(len(pool))[: count - len(chosen)]
-        chosen += [pool[int(index)] for index in order]
-    return [(name, colours[index % len(colours)]) for index, name in enumerate(chosen)]
+    pool = sorted(set(names))
+    had: dict[str, set[int]] = {name: set() for name in pool}  # colour indices each icon has had in this round
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < count:
+        for index in rng.permutation(len(pool))[: count - len(pairs)]:
+            name = pool[int(index)]
+            if len(had[name]) == len(colours):
+                had[name].clear()  # every colour used: the icon's next round may repeat pairs
+            colour = len(pairs) % len(colours)
+            while colour in had[name]:
+                colour = (colour + 1) % len(colours)
+            had[name].add(colour)
+            pairs.append((name, colours[colour]))
+    return pairs
 
 
 def named_icon_ranks(iou: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -140,8 +150,8 @@ def r_precision_hits(similarity: torch.Tensor, truth: torch.Tensor, r: int, seed
     hits = torch.zeros(N, dtype=torch.bool)
     for row in range(N):
         own = int(truth[row])
-        pool = torch.tensor([index for index in range(P) if index != own])
-        drawn = pool[torch.randperm(len(pool), generator=generator)[:others]]
+        drawn = torch.randperm(P - 1, generator=generator)[:others]  # positions among the P - 1 other prompts
+        drawn = drawn + (drawn >= own).long()  # position -> prompt index, skipping its own
         hits[row] = bool(similarity[row, own] > similarity[row, drawn].max())
     return hits
 
@@ -845,11 +855,13 @@ def evaluate_demo(
     progress: bool = True,
     preset: str = "demo",
     sampling: dict[str, Any] | None = None,
+    val_prompts: int | None = None,
 ) -> dict[str, Any]:
     """Loads OUT/dalle (with its dVAE and tokenizer) and OUT/clip, computes every figure of the demo's report and
     quality bar (see DEFINITIONS), writes OUT/eval/{gallery,inpainting,variation,guided}.png and returns the
     metrics (JSON-ready). `data` is the icon dataset (its info.json gives size and colours); `preset` picks the
-    shape target of the quality bar; `sampling` passes temperature/top_k/top_p/cond_scale to generate()."""
+    shape target of the quality bar; `sampling` passes temperature/top_k/top_p/cond_scale to generate().
+    `prompts` sets both sets' prompt count unless `val_prompts` gives the validation set its own."""
     from tqdm import tqdm
 
     from .. import pretrained
@@ -869,10 +881,11 @@ def evaluate_demo(
         raise ValueError(f"{info_path} not found; expected an icon dataset built by `clipdalle data icons` ({data})")
     info = json.loads(info_path.read_text())
     colours = list(info["colours"])
-    if prompts < 2 or samples < 1:
+    counts = {"seen": prompts, "val": prompts if val_prompts is None else val_prompts}
+    if min(counts.values()) < 2 or samples < 1:
         raise ValueError(
             f"evaluate_demo: needs at least 2 prompts per set (R-precision compares prompts) and 1 sample per prompt, "
-            f"got prompts={prompts} samples={samples}"
+            f"got prompts={prompts} val_prompts={counts['val']} samples={samples}"
         )
     sampling = dict(sampling or {})
     for folder in ("dalle", "clip"):
@@ -891,11 +904,11 @@ def evaluate_demo(
     lap("load models, render icons")
 
     pair_sets = {
-        "seen": prompt_set(seen_names, prompts, seed, colours),
-        "val": prompt_set(val_names, prompts, seed + 1, colours),
+        "seen": prompt_set(seen_names, counts["seen"], seed, colours),
+        "val": prompt_set(val_names, counts["val"], seed + 1, colours),
     }
     generated = {}
-    bar = tqdm(total=2 * prompts * samples, desc="evaluation samples", unit="img", disable=not progress)
+    bar = tqdm(total=sum(counts.values()) * samples, desc="evaluation samples", unit="img", disable=not progress)
     for offset, (split, pairs) in enumerate(pair_sets.items()):
         captions = [caption_of(name, colour) for name, colour in pairs]
         base = seed * 10_000_000 + offset * 1_000_000  # disjoint seeds for the two sets
@@ -952,7 +965,7 @@ def evaluate_demo(
 
     metrics = {
         "settings": {
-            "prompts_per_set": prompts,
+            "prompts_per_set": counts,
             "samples_per_prompt": samples,
             "seed": seed,
             "sampling": sampling,

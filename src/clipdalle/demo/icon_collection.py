@@ -325,6 +325,7 @@ class IconCollection(Collection):
             seed=evaluation["seed"],
             preset=Path(state.preset).stem,
             sampling=evaluation.get("sampling"),
+            val_prompts=evaluation.get("val_prompts"),
         )
 
     def write_report(self, state: PipelineState) -> Path:
