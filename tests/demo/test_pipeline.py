@@ -219,6 +219,14 @@ def test_pipeline_preset_errors_name_what_does_not_fit():
     spec["clip"]["colour_captions"] = "often"
     with pytest.raises(ValueError, match="clip colour_captions must be the repeats per epoch.*'often'"):
         icon_collection.pipeline_configs(spec, "p")
+    for evaluation, message in (
+        ({"val_prompts": "2048"}, "eval val_prompts must be a whole number >= 2, got '2048'"),
+        ({"prompts": 1}, "eval prompts must be a whole number >= 2, got 1"),
+        ({"val_promts": 2048}, "unknown eval setting.*val_promts"),
+        ({"sampling": 0.85}, "eval sampling must be an object"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            icon_collection.pipeline_configs({**tiny_spec(), "eval": evaluation}, "p")
 
 
 def test_dalle_icons_follow_the_preset_rule():

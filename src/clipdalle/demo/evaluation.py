@@ -46,7 +46,8 @@ SAMPLES_FILE = "samples.pt"  # OUT/eval/samples.pt: every evaluated sample with 
 DEFINITIONS = {
     "prompts": (
         "For each set (seen = icons of DALL·E's training families, validation = icons of held-out families), icons "
-        "drawn with a seeded generator, colours cycled over the 8 palette colours, prompt = the first caption "
+        "drawn with a seeded generator, colours cycled over the 8 palette colours, no (icon, colour) pair twice while "
+        "unused ones remain, prompt = the first caption "
         "('a red icon of a heart'); every prompt sampled n times; best of n = the sample CLIP scores highest."
     ),
     "colour_fidelity": (

@@ -42,6 +42,7 @@ from .heldout import evaluate_tokenizer
 # evaluation sizes, the CPU threads to use (default: all cores) and the expected seconds of each stage (for the ETA).
 PRESET_SECTIONS = ("description", "icons", "vae", "clip", "dalle", "eval", "threads", "expected_s")
 SUBSET_KEYS = ("families", "common_icons")  # the dalle section's choice of training icons, besides model and train
+EVAL_COUNTS = {"prompts": 2, "val_prompts": 2, "samples": 1, "seed": 0}  # the eval section's whole numbers, minimums
 PIPELINE_KEYS = ("oversample_dalle_icons", "colour_captions")  # a model section's pipeline settings, besides preset,
 # model and train: extra data mixed into its training, each with its repeats per epoch
 ICON_TRAIN_DEFAULTS = {"keep_best": False}  # see the module's docstring
@@ -63,6 +64,11 @@ def model_and_train_configs(spec: dict[str, Any], model_config_class: type, pref
     return model_config, train_config
 
 
+def is_count(value: Any, least: int) -> bool:
+    """A whole number (an int, not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def pipeline_configs(spec: dict[str, Any], name: str = "pipeline") -> dict[str, tuple[Any, TrainConfig]]:
     """The (model config, train config) of each model of a pipeline preset, checked to fit together: every model
     reads images of the icons' size, and DALL·E's image vocabulary and grid are the dVAE's."""
@@ -74,11 +80,22 @@ def pipeline_configs(spec: dict[str, Any], name: str = "pipeline") -> dict[str, 
     if unknown:
         raise ValueError(f"{name}: unknown section(s) {', '.join(unknown)}; expected {', '.join(PRESET_SECTIONS)}")
     threads = spec.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+    if threads is not None and not is_count(threads, 1):
         raise ValueError(f"{name}: threads must be a positive integer (or absent: all cores), got {threads!r}")
+    evaluation = spec.get("eval", {})
+    unknown = sorted(set(evaluation) - {*EVAL_COUNTS, "sampling"})
+    if unknown:
+        expected = ", ".join([*EVAL_COUNTS, "sampling"])
+        raise ValueError(f"{name}: unknown eval setting(s) {', '.join(unknown)}; expected {expected}")
+    for key, least in EVAL_COUNTS.items():
+        if key in evaluation and not is_count(evaluation[key], least):
+            raise ValueError(f"{name}: eval {key} must be a whole number >= {least}, got {evaluation[key]!r}")
+    sampling = evaluation.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise ValueError(f"{name}: eval sampling must be an object of generate() settings, got {sampling!r}")
     for key in PIPELINE_KEYS:
         repeats = spec.get("clip", {}).get(key)
-        if repeats is not None and (not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 0):
+        if repeats is not None and not is_count(repeats, 0):
             raise ValueError(f"{name}: clip {key} must be the repeats per epoch, a whole number >= 0; got {repeats!r}")
     size = icon_settings(spec)["size"]
     configs = {
