@@ -162,6 +162,22 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
     assert skipped >= {"DALL·E training", "DALL·E data", "dVAE evaluation"}
     assert not skipped & {"index", "evaluation", "report"}
 
+    # The preset's CLIP training settings change (more steps): a resumed run would keep its own config, so the CLIP
+    # trains again from the start with the new settings; the dVAE stays as it is.
+    changed["clip"]["train"]["steps"] = 24
+    pipeline.run_pipeline(write_preset(tmp_path / "more-steps.json", changed), resumed, data_dir=data_dir)
+    printed = capsys.readouterr().err
+    assert (
+        f"CLIP training: {resumed / 'clip'} was trained with other model or training settings (config.json); "
+        "training it again" in printed
+    )
+    assert "dVAE training: " not in printed and "CLIP: resuming" not in printed
+    assert checkpoint.read_config(resumed / "clip")["train"]["steps"] == 24
+    assert checkpoint.checkpoint_step(resumed / "clip") == 24
+    assert (resumed / "vae" / "model.safetensors").read_bytes() == vae_weights
+    pipeline.run_pipeline(write_preset(tmp_path / "more-steps.json", changed), resumed, data_dir=data_dir)
+    assert capsys.readouterr().err.count("complete, skipped") == len(STAGES)  # and then it is done
+
 
 def test_a_failing_process_stops_the_pipeline_with_its_one_line_error(tmp_path, twelve_icons, capsys):
     # CLIP's vocabulary is below the caption tokenizer's minimum: its process fails at start; the dVAE is stopped

@@ -19,13 +19,15 @@ Each stage is a pair of plain functions of the run's `PipelineState`: `done(stat
 invocation. A training stage that was interrupted resumes from its last checkpoint (`--resume`); `fresh=True`
 starts over, removing OUT only when the pipeline made it (it holds the MARKER file), never a folder of the user's.
 The dVAE's and CLIP's data arguments are recorded in RUN/pipeline-inputs.json; when they change (another preset's
-extra data, another data folder), that model trains again from the start and the stages after it run again.
+extra data, another data folder), or when the preset's model or training settings differ from those in the run's
+own config.json, that model trains again from the start and the stages after it run again.
 Training processes write OUT/logs/NAME.log; OUT/timings.json has every stage's seconds and OUT/summary.json points
 at everything.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -37,7 +39,8 @@ from typing import Any
 
 import torch
 
-from .. import hub
+from .. import checkpoint, hub
+from ..config import to_dict
 from ..index import build_index
 from ..io import LOCK_FILE, DirectoryLock, read_json, write_json
 from ..runtime import resolve_device
@@ -69,9 +72,32 @@ def inputs_current(run_dir: Path, args: list[str]) -> bool:
     return _read_if_present(run_dir / INPUTS_FILE).get("args") == args
 
 
-def trained_on(run_dir: Path, args: list[str]) -> bool:
-    """The run in `run_dir` finished training on these data arguments."""
-    return training_finished(run_dir) and inputs_current(run_dir, args)
+def settings_current(run_dir: Path, configs: tuple[Any, Any]) -> bool:
+    """The run in `run_dir` has no checkpoint yet, or its config.json holds these (model, train) configs' settings
+    (a resumed run continues with its own config, so a changed preset would otherwise be ignored)."""
+    if not (run_dir / checkpoint.CONFIG_FILE).exists():
+        return True
+    saved = checkpoint.read_config(run_dir)
+    wanted = json.loads(json.dumps({"model": to_dict(configs[0]), "train": to_dict(configs[1])}))  # as JSON reads
+    return {"model": saved.get("model"), "train": saved.get("train")} == wanted
+
+
+def trained_on(run_dir: Path, args: list[str], configs: tuple[Any, Any]) -> bool:
+    """The run in `run_dir` finished training on these data arguments and with these settings."""
+    return training_finished(run_dir) and inputs_current(run_dir, args) and settings_current(run_dir, configs)
+
+
+def stale_reason(run_dir: Path, args: list[str], configs: tuple[Any, Any]) -> str | None:
+    """Why a started run in `run_dir` cannot be continued with these data arguments and settings (None: it can)."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    if not (run_dir / INPUTS_FILE).exists():
+        return f"does not record the data arguments it was trained on ({INPUTS_FILE})"
+    if not inputs_current(run_dir, args):
+        return "was trained on other data arguments"
+    if not settings_current(run_dir, configs):
+        return f"was trained with other model or training settings ({checkpoint.CONFIG_FILE})"
+    return None
 
 
 def train_pair(state: PipelineState, restart: bool) -> None:
@@ -84,13 +110,10 @@ def train_pair(state: PipelineState, restart: bool) -> None:
             continue
         run_dir = state.run_dir(kind)
         extra = state.collection.training_args(state, kind)
-        if trained_on(run_dir, extra):
+        if trained_on(run_dir, extra, state.configs[kind]):
             continue
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not inputs_current(run_dir, extra):
-            if (run_dir / INPUTS_FILE).exists():
-                why = "was trained on other data arguments"
-            else:
-                why = f"does not record the data arguments it was trained on ({INPUTS_FILE})"
+        why = stale_reason(run_dir, extra, state.configs[kind])
+        if why is not None:
             print(f"{name}: {run_dir} {why}; training it again", file=sys.stderr)
             clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +129,7 @@ def train_pair(state: PipelineState, restart: bool) -> None:
 
 def pair_done(state: PipelineState) -> bool:
     return all(
-        trained_on(state.run_dir(kind), state.collection.training_args(state, kind))
+        trained_on(state.run_dir(kind), state.collection.training_args(state, kind), state.configs[kind])
         for kind in ("vae", "clip")
         if kind in state.configs
     )
