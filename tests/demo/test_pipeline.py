@@ -37,6 +37,11 @@ STAGES = [
 QUIET = {"eval_every": 1000, "log_every": 10}  # one evaluation (and loss plot) at the last step: plots take seconds
 
 
+def skipped_stages(printed: str) -> set[str]:
+    """The stages the pipeline's stderr says it skipped ("[3/8] dVAE evaluation: complete, skipped")."""
+    return {line.split("] ", 1)[1].split(":")[0] for line in printed.splitlines() if "complete, skipped" in line}
+
+
 def tiny_spec(dalle_train=None, clip_model=None, vae_train=None):
     return {
         "icons": {"size": 16, "colours": 2},
@@ -158,7 +163,7 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
     assert "-colour:2" in commands[-1]
     assert "CLIP: resuming" not in printed  # started over, not resumed from the old run's checkpoint
     assert (resumed / "vae" / "model.safetensors").read_bytes() == vae_weights
-    skipped = {line.split("] ", 1)[1].split(":")[0] for line in printed.splitlines() if "complete, skipped" in line}
+    skipped = skipped_stages(printed)
     assert skipped >= {"DALL·E training", "DALL·E data", "dVAE evaluation"}
     assert not skipped & {"index", "evaluation", "report"}
 
@@ -177,6 +182,12 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
     assert (resumed / "vae" / "model.safetensors").read_bytes() == vae_weights
     pipeline.run_pipeline(write_preset(tmp_path / "more-steps.json", changed), resumed, data_dir=data_dir)
     assert capsys.readouterr().err.count("complete, skipped") == len(STAGES)  # and then it is done
+
+    # The preset's evaluation settings change: only the evaluation and the report run again.
+    changed["eval"]["val_prompts"] = 5
+    pipeline.run_pipeline(write_preset(tmp_path / "other-eval.json", changed), resumed, data_dir=data_dir)
+    assert skipped_stages(capsys.readouterr().err) == set(STAGES) - {"evaluation", "report"}
+    assert json.loads((resumed / "eval.json").read_text())["generation"]["val"]["prompts"] == 5
 
 
 def test_a_failing_process_stops_the_pipeline_with_its_one_line_error(tmp_path, twelve_icons, capsys):

@@ -110,6 +110,9 @@ class Collection(ABC):
     def write_report(self, state: PipelineState) -> Path:
         """OUT/report.html."""
 
+    def evaluation_done(self, state: PipelineState) -> bool:
+        return (state.out / "eval.json").exists()
+
     def report_done(self, state: PipelineState) -> bool:
         return (state.out / "report.html").exists()
 

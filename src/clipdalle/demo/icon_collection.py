@@ -345,6 +345,22 @@ class IconCollection(Collection):
             val_prompts=evaluation.get("val_prompts"),
         )
 
+    def evaluation_done(self, state: PipelineState) -> bool:
+        """OUT/eval.json exists and was made with the preset's evaluation settings (prompts per set, samples, seed,
+        sampling): a preset whose eval section changed evaluates again."""
+        path = state.out / "eval.json"
+        if not path.exists():
+            return False
+        evaluation, settings = self.evaluation, read_json(path).get("settings", {})
+        prompts = evaluation["prompts"]
+        wanted = {
+            "prompts_per_set": {"seen": prompts, "val": evaluation.get("val_prompts", prompts)},
+            "samples_per_prompt": evaluation["samples"],
+            "seed": evaluation["seed"],
+            "sampling": evaluation.get("sampling") or {},
+        }
+        return all(settings.get(key) == value for key, value in wanted.items())
+
     def write_report(self, state: PipelineState) -> Path:
         from .report import write_report
 

@@ -20,7 +20,8 @@ invocation. A training stage that was interrupted resumes from its last checkpoi
 starts over, removing OUT only when the pipeline made it (it holds the MARKER file), never a folder of the user's.
 The dVAE's and CLIP's data arguments are recorded in RUN/pipeline-inputs.json; when they change (another preset's
 extra data, another data folder), or when the preset's model or training settings differ from those in the run's
-own config.json, that model trains again from the start and the stages after it run again.
+own config.json, that model trains again from the start and the stages after it run again. The icons' evaluation
+runs again when OUT/eval.json was made with other evaluation settings than the preset's.
 Training processes write OUT/logs/NAME.log; OUT/timings.json has every stage's seconds and OUT/summary.json points
 at everything.
 """
@@ -192,7 +193,9 @@ def stages_of(collection: Collection) -> list[Stage]:
             "DALL·E training", lambda state: training_finished(state.run_dir("dalle")), train_dalle, ("DALL·E codes",)
         ),  # fmt: skip
         Stage("index", file_exists("index", "info.json"), build_index_stage, ("CLIP training",)),
-        Stage("evaluation", file_exists("eval.json"), evaluate, ("dVAE training", "CLIP training", "DALL·E training")),
+        Stage(
+            "evaluation", collection.evaluation_done, evaluate, ("dVAE training", "CLIP training", "DALL·E training")
+        ),
         Stage("report", collection.report_done, report, ("dVAE evaluation", "DALL·E data", "index", "evaluation")),
     ]
 
