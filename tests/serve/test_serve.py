@@ -19,6 +19,8 @@ from clipdalle import cli  # noqa: E402
 from clipdalle.serve import ServeModels, ServeSettings, create_app, load_models  # noqa: E402
 from clipdalle.serve.generation_routes import box_in_model_pixels  # noqa: E402
 from clipdalle.serve.limits import GenerationQueue, QueueFull  # noqa: E402
+from clipdalle.serve.models import SAMPLING_KEYS  # noqa: E402
+from clipdalle.serve.schemas import Sampling  # noqa: E402
 
 
 def local_client(app) -> TestClient:
@@ -64,6 +66,8 @@ def test_info_reports_models_and_limits(client):
     info = client.get("/api/info").json()
     assert info["search"] and info["clip"] and info["dalle"]
     assert info["images"] > 0 and info["image_size"] == 16
+    assert info["sampling"] == {key: None for key in SAMPLING_KEYS}  # runs named one by one: generate()'s defaults
+    assert set(Sampling.model_fields) == set(SAMPLING_KEYS)  # the schema names every setting a folder may hold
     assert info["limits"] == {
         "max_upload_bytes": 16 << 20,
         "max_n": 16,
@@ -150,6 +154,8 @@ def test_a_pipeline_folder_samples_as_its_evaluation_measured(tiny_clip_run, tin
     (folder / "eval.json").write_text('{"settings": {"sampling": {"temperature": 0.5, "shortlist": 2}}}')
     served = load_models(folder)
     assert served.sampling == {"temperature": 0.5, "shortlist": 2}
+    info = local_client(create_app(served)).get("/api/info").json()  # and the server says so
+    assert {key: value for key, value in info["sampling"].items() if value is not None} == served.sampling
     body = local_client(create_app(served)).post(
         "/api/generate", json={"prompt": "a red circle", "n": 6, "keep": 1, "seed": 3}
     )

@@ -33,12 +33,23 @@ class Limits(BaseModel):
     max_prompt_chars: int
 
 
+class Sampling(BaseModel):
+    temperature: float | None = Field(None, description="logits divided by this (absent: 1.0)")
+    top_k: int | None = Field(None, description="only the k most likely image codes (absent: all)")
+    top_p: float | None = Field(None, description="nucleus sampling share (absent: off)")
+    cond_scale: float | None = Field(None, description="classifier-free guidance (absent: 1.0, none)")
+    shortlist: int | None = Field(None, description="CLIP shortlists k x keep, the most typical are kept (absent: 1)")
+
+
 class Info(BaseModel):
     images: int = Field(description="images in the index (0 without one)")
     search: bool = Field(description="an index is loaded: /api/search, /api/similar, /api/images")
     clip: bool = Field(description="a CLIP is loaded: /api/classify, /api/moderate, reranking")
     dalle: bool = Field(description="a DALL·E model is loaded: /api/generate, /api/inpaint, /v1/images/*")
     image_size: int | None = Field(description="side of generated images in pixels")
+    sampling: Sampling = Field(
+        description="the settings generation uses: a served pipeline folder's, from its evaluation (eval.json)"
+    )
     limits: Limits
 
 

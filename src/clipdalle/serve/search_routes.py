@@ -135,6 +135,7 @@ def search_router(context: ServeContext) -> APIRouter:
             "clip": models.clip is not None,
             "dalle": models.dalle is not None,
             "image_size": models.image_size,
+            "sampling": models.sampling,
             "limits": limits,
         }
 
