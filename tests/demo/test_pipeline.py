@@ -189,6 +189,16 @@ def test_pipeline_runs_every_stage_then_skips_them_and_resumes_a_killed_training
     assert skipped_stages(capsys.readouterr().err) == set(STAGES) - {"evaluation", "report"}
     assert json.loads((resumed / "eval.json").read_text())["generation"]["val"]["prompts"] == 5
 
+    # The preset's DALL·E settings change: the DALL·E trains again from the start (not resumed), then what uses it.
+    changed["dalle"]["train"]["steps"] = 160
+    pipeline.run_pipeline(write_preset(tmp_path / "longer-dalle.json", changed), resumed, data_dir=data_dir)
+    printed = capsys.readouterr().err
+    assert f"DALL·E training: {resumed / 'dalle'} was trained with other model or training settings" in printed
+    assert "DALL·E training: resuming" not in printed
+    assert skipped_stages(printed) == set(STAGES) - {"DALL·E training", "evaluation", "report"}
+    assert checkpoint.read_config(resumed / "dalle")["train"]["steps"] == 160
+    assert checkpoint.checkpoint_step(resumed / "dalle") == 160
+
 
 def test_a_failing_process_stops_the_pipeline_with_its_one_line_error(tmp_path, twelve_icons, capsys):
     # CLIP's vocabulary is below the caption tokenizer's minimum: its process fails at start; the dVAE is stopped

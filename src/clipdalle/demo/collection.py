@@ -69,6 +69,8 @@ class Collection(ABC):
 
     name: str  # "icons" or the path given
     data_stage: str  # the first stage's name: "icon dataset" or "data report"
+    # A finished DALL·E counts as done only with the preset's settings; False where a plan re-sizes it at its start
+    fixed_dalle_settings: bool = True
 
     @abstractmethod
     def data_done(self, state: PipelineState) -> bool:

@@ -37,6 +37,7 @@ class FolderCollection(Collection):
     """A collection of one's own (see the module's docstring)."""
 
     data_stage = "data report"
+    fixed_dalle_settings = False  # before_dalle plans its steps again from the time left
 
     def __init__(
         self,

@@ -20,7 +20,8 @@ invocation. A training stage that was interrupted resumes from its last checkpoi
 starts over, removing OUT only when the pipeline made it (it holds the MARKER file), never a folder of the user's.
 The dVAE's and CLIP's data arguments are recorded in RUN/pipeline-inputs.json; when they change (another preset's
 extra data, another data folder), or when the preset's model or training settings differ from those in the run's
-own config.json, that model trains again from the start and the stages after it run again. The icons' evaluation
+own config.json, that model trains again from the start and the stages after it run again; so does the icons'
+DALL·E (a folder collection's DALL·E is sized again at its start, so its config is its own). The icons' evaluation
 runs again when OUT/eval.json was made with other evaluation settings than the preset's.
 Training processes write OUT/logs/NAME.log; OUT/timings.json has every stage's seconds and OUT/summary.json points
 at everything.
@@ -52,6 +53,7 @@ from .jobs import LoadSampler, clear_run, run_jobs, train_job, training_finished
 ETA_FACTOR_LIMITS = (0.25, 4.0)  # a machine 4x slower or faster than the preset's expected times is believable
 MARKER = ".clipdalle-pipeline"  # written into OUT by the pipeline: `fresh` removes only a folder that holds it
 INPUTS_FILE = "pipeline-inputs.json"  # RUN/...: the data arguments a dVAE or CLIP run was trained on
+SETTINGS_CHANGED = f"was trained with other model or training settings ({checkpoint.CONFIG_FILE})"
 
 
 def eta_seconds(expected: dict[str, float], measured: dict[str, float], remaining: list[str]) -> float | None:
@@ -97,7 +99,7 @@ def stale_reason(run_dir: Path, args: list[str], configs: tuple[Any, Any]) -> st
     if not inputs_current(run_dir, args):
         return "was trained on other data arguments"
     if not settings_current(run_dir, configs):
-        return f"was trained with other model or training settings ({checkpoint.CONFIG_FILE})"
+        return SETTINGS_CHANGED
     return None
 
 
@@ -140,8 +142,20 @@ def evaluate_vae(state: PipelineState, restart: bool) -> None:
     write_json(state.run_dir("vae") / "eval.json", state.collection.evaluate_tokenizer(state))
 
 
+def dalle_settings_current(state: PipelineState) -> bool:
+    """OUT/dalle holds the preset's DALL·E settings, or the collection re-sizes its DALL·E at its start."""
+    return not state.collection.fixed_dalle_settings or settings_current(state.run_dir("dalle"), state.configs["dalle"])
+
+
+def dalle_done(state: PipelineState) -> bool:
+    return training_finished(state.run_dir("dalle")) and dalle_settings_current(state)
+
+
 def train_dalle(state: PipelineState, restart: bool) -> None:
     dalle_dir = state.run_dir("dalle")
+    if not dalle_settings_current(state):
+        print(f"DALL·E training: {dalle_dir} {SETTINGS_CHANGED}; training it again", file=sys.stderr)
+        restart = True
     if restart:
         clear_run(dalle_dir, keep=("tokens", "subset.json"))
     state.collection.before_dalle(state)
@@ -189,9 +203,7 @@ def stages_of(collection: Collection) -> list[Stage]:
         Stage("dVAE + CLIP training", pair_done, train_pair, jobs=("dVAE training", "CLIP training")),
         Stage("dVAE evaluation", file_exists("vae", "eval.json"), evaluate_vae, ("dVAE training",)),
         Stage("DALL·E data", collection.dalle_data_done, collection.build_dalle_data, jobs=("DALL·E codes",)),
-        Stage(
-            "DALL·E training", lambda state: training_finished(state.run_dir("dalle")), train_dalle, ("DALL·E codes",)
-        ),  # fmt: skip
+        Stage("DALL·E training", dalle_done, train_dalle, ("DALL·E codes",)),
         Stage("index", file_exists("index", "info.json"), build_index_stage, ("CLIP training",)),
         Stage(
             "evaluation", collection.evaluation_done, evaluate, ("dVAE training", "CLIP training", "DALL·E training")
