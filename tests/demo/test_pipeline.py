@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from helpers import lock_held_by_another_process
 
 from clipdalle import checkpoint, cli
-from clipdalle.config import load_preset
+from clipdalle.config import load_preset, to_dict
 from clipdalle.data import icons
 from clipdalle.demo import icon_collection, pipeline
 from clipdalle.demo import jobs as pipeline_jobs
@@ -264,6 +265,27 @@ def test_pipeline_preset_errors_name_what_does_not_fit():
     ):
         with pytest.raises(ValueError, match=message):
             icon_collection.pipeline_configs({**tiny_spec(), "eval": evaluation}, "p")
+
+
+def test_a_run_is_current_while_its_config_holds_the_presets_settings(tmp_path):
+    model, train = icon_collection.pipeline_configs(tiny_spec(), "p")["clip"]
+    run = tmp_path / "clip"
+    run.mkdir()
+    assert pipeline.settings_current(run, (model, train))  # nothing trained yet: nothing to compare
+
+    def saved(model, train):
+        config = {"clipdalle": {"model_type": "clip", "format_version": 1}, "model": to_dict(model)}
+        (run / checkpoint.CONFIG_FILE).write_text(json.dumps({**config, "train": to_dict(train)}))
+
+    saved(model, train)
+    assert pipeline.settings_current(run, (model, train))
+    assert not pipeline.settings_current(run, (model, replace(train, lr=train.lr / 2)))
+    assert not pipeline.settings_current(run, (replace(model, embed_dim=model.embed_dim * 2), train))
+    # with epochs, training sets the steps itself (recipes.with_epochs): the run's own count is not a change
+    by_epochs = replace(train, epochs=2.0)
+    saved(model, replace(by_epochs, steps=37))
+    assert pipeline.settings_current(run, (model, by_epochs))
+    assert not pipeline.settings_current(run, (model, replace(by_epochs, epochs=3.0)))
 
 
 def test_dalle_icons_follow_the_preset_rule():
