@@ -43,6 +43,8 @@ from .runtime import device_of, eval_mode, unwrap
 from .transforms import load_image
 from .zero_shot import encode_images, encode_texts
 
+SAMPLING_SETTINGS = ("temperature", "top_k", "top_p", "cond_scale", "shortlist")  # the keywords a preset or served
+# folder may set for generate()/inpaint()/variations() (`check_sampling_settings`)
 DEFAULT_BATCH_SIZE = 64  # samples per forward pass (x2 rows with guidance); 64 keeps 2 CPU cores busy
 NOISE_CHUNK_ELEMENTS = 1 << 16  # per sample, noise is drawn for this many logits at once (256 KiB of floats)
 
@@ -594,6 +596,22 @@ def mask_from_image(image: Any, size: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ internals
+
+
+def check_sampling_settings(settings: Any, source: str) -> dict[str, Any]:
+    """`settings` as stored sampling settings (a preset's eval.sampling, a pipeline's eval.json): an object whose
+    keys are among SAMPLING_SETTINGS and whose values are numbers (top_k and shortlist whole); one-line ValueError
+    naming `source` otherwise. Ranges are checked where they are used (generate())."""
+    if not isinstance(settings, dict) or set(settings) - set(SAMPLING_SETTINGS):
+        raise ValueError(
+            f"{source}: sampling must be an object with keys among {', '.join(SAMPLING_SETTINGS)}, got {settings!r}"
+        )
+    for key, value in settings.items():
+        whole = key in ("top_k", "shortlist")
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            kind = "a whole number" if whole else "a number"
+            raise ValueError(f"{source}: sampling {key} must be {kind}, got {value!r}")
+    return dict(settings)
 
 
 def _check_request(

@@ -261,7 +261,10 @@ def test_pipeline_preset_errors_name_what_does_not_fit():
         ({"val_prompts": "2048"}, "eval val_prompts must be a whole number >= 2, got '2048'"),
         ({"prompts": 1}, "eval prompts must be a whole number >= 2, got 1"),
         ({"val_promts": 2048}, "unknown eval setting.*val_promts"),
-        ({"sampling": 0.85}, "eval sampling must be an object"),
+        ({"sampling": 0.85}, "p: eval: sampling must be an object"),
+        ({"sampling": {"temprature": 0.85}}, "p: eval: sampling must be an object with keys among temperature"),
+        ({"sampling": {"shortlist": 1.5}}, "p: eval: sampling shortlist must be a whole number, got 1.5"),
+        ({"sampling": {"temperature": "low"}}, "p: eval: sampling temperature must be a number, got 'low'"),
     ):
         with pytest.raises(ValueError, match=message):
             icon_collection.pipeline_configs({**tiny_spec(), "eval": evaluation}, "p")

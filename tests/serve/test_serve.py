@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from helpers import BlockingJobs, assert_one_line_error, run  # noqa: E402
 
 from clipdalle import cli  # noqa: E402
+from clipdalle.sampling import SAMPLING_SETTINGS  # noqa: E402
 from clipdalle.serve import ServeModels, ServeSettings, create_app, load_models  # noqa: E402
 from clipdalle.serve.generation_routes import box_in_model_pixels  # noqa: E402
 from clipdalle.serve.limits import GenerationQueue, QueueFull  # noqa: E402
-from clipdalle.serve.models import SAMPLING_KEYS  # noqa: E402
 from clipdalle.serve.schemas import Sampling  # noqa: E402
 
 
@@ -66,8 +66,8 @@ def test_info_reports_models_and_limits(client):
     info = client.get("/api/info").json()
     assert info["search"] and info["clip"] and info["dalle"]
     assert info["images"] > 0 and info["image_size"] == 16
-    assert info["sampling"] == {key: None for key in SAMPLING_KEYS}  # runs named one by one: generate()'s defaults
-    assert set(Sampling.model_fields) == set(SAMPLING_KEYS)  # the schema names every setting a folder may hold
+    assert info["sampling"] == {key: None for key in SAMPLING_SETTINGS}  # runs named one by one: generate()'s defaults
+    assert set(Sampling.model_fields) == set(SAMPLING_SETTINGS)  # the schema names every setting a folder may hold
     assert info["limits"] == {
         "max_upload_bytes": 16 << 20,
         "max_n": 16,
@@ -191,7 +191,7 @@ def test_a_pipeline_folder_samples_as_its_evaluation_measured(tiny_clip_run, tin
     }
     assert load_models(dalle=tiny_runs[1]).sampling == {}  # a DALL·E run on its own: generate()'s defaults
     (folder / "eval.json").write_text('{"settings": {"sampling": {"temprature": 0.5}}}')
-    with pytest.raises(ValueError, match=r"eval.json: settings.sampling must be an object with keys among"):
+    with pytest.raises(ValueError, match=r"eval.json: settings: sampling must be an object with keys among"):
         load_models(folder)
 
 

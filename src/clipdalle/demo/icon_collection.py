@@ -34,6 +34,7 @@ from .. import checkpoint
 from ..config import TrainConfig, build_config, load_preset
 from ..data.icons import PALETTE, build_icons, common_icons, dominant_colour, family_of, is_complete
 from ..io import read_json, write_json
+from ..sampling import check_sampling_settings
 from ..training.codes import build_code_cache, cache_is_current
 from .collection import Collection, PipelineState
 from .heldout import evaluate_tokenizer
@@ -90,9 +91,7 @@ def pipeline_configs(spec: dict[str, Any], name: str = "pipeline") -> dict[str, 
     for key, least in EVAL_COUNTS.items():
         if key in evaluation and not is_count(evaluation[key], least):
             raise ValueError(f"{name}: eval {key} must be a whole number >= {least}, got {evaluation[key]!r}")
-    sampling = evaluation.get("sampling", {})
-    if not isinstance(sampling, dict):
-        raise ValueError(f"{name}: eval sampling must be an object of generate() settings, got {sampling!r}")
+    check_sampling_settings(evaluation.get("sampling", {}), f"{name}: eval")
     for key in PIPELINE_KEYS:
         repeats = spec.get("clip", {}).get(key)
         if repeats is not None and not is_count(repeats, 0):

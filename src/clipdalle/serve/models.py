@@ -147,19 +147,12 @@ def load_models(
     return models
 
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "cond_scale", "shortlist")
-
-
 def evaluated_sampling(path: Path) -> dict[str, Any]:
     """The sampling settings a pipeline's evaluation used (`settings.sampling` of its eval.json), so the page and
     the APIs sample as the report measured; {} when the file is absent."""
     from ..io import read_json
+    from ..sampling import check_sampling_settings
 
     if not path.is_file():
         return {}
-    sampling = read_json(path).get("settings", {}).get("sampling") or {}
-    if not isinstance(sampling, dict) or set(sampling) - set(SAMPLING_KEYS):
-        raise ValueError(
-            f"{path}: settings.sampling must be an object with keys among {', '.join(SAMPLING_KEYS)}, got {sampling!r}"
-        )
-    return dict(sampling)
+    return check_sampling_settings(read_json(path).get("settings", {}).get("sampling") or {}, f"{path}: settings")
