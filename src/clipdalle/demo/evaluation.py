@@ -844,6 +844,20 @@ def _log(message: str, progress: bool) -> None:
         print(f"evaluation: {message}", file=sys.stderr, flush=True)
 
 
+def evaluation_settings(
+    prompts: int, samples: int, seed: int, sampling: dict[str, Any] | None, val_prompts: int | None = None
+) -> dict[str, Any]:
+    """What decides an evaluation's prompts and samples, as eval.json's `settings` records it (a pipeline re-run
+    compares them with its preset's): prompts per set (`val_prompts`, when given, for the validation set), samples
+    per prompt, seed and sampling settings."""
+    return {
+        "prompts_per_set": {"seen": prompts, "val": prompts if val_prompts is None else val_prompts},
+        "samples_per_prompt": samples,
+        "seed": seed,
+        "sampling": dict(sampling or {}),
+    }
+
+
 def evaluate_demo(
     out: Path,
     data: Path,
@@ -882,13 +896,13 @@ def evaluate_demo(
         raise ValueError(f"{info_path} not found; expected an icon dataset built by `clipdalle data icons` ({data})")
     info = json.loads(info_path.read_text())
     colours = list(info["colours"])
-    counts = {"seen": prompts, "val": prompts if val_prompts is None else val_prompts}
+    run_settings = evaluation_settings(prompts, samples, seed, sampling, val_prompts)
+    counts, sampling = run_settings["prompts_per_set"], run_settings["sampling"]
     if min(counts.values()) < 2 or samples < 1:
         raise ValueError(
             f"evaluate_demo: needs at least 2 prompts per set (R-precision compares prompts) and 1 sample per prompt, "
             f"got prompts={prompts} val_prompts={counts['val']} samples={samples}"
         )
-    sampling = dict(sampling or {})
     for folder in ("dalle", "clip"):
         if not (out / folder / checkpoint.CONFIG_FILE).exists():
             raise ValueError(f"{out / folder} is not a finished run (no {checkpoint.CONFIG_FILE}); train it first")
@@ -966,10 +980,7 @@ def evaluate_demo(
 
     metrics = {
         "settings": {
-            "prompts_per_set": counts,
-            "samples_per_prompt": samples,
-            "seed": seed,
-            "sampling": sampling,
+            **run_settings,
             "generation_batch": GENERATION_BATCH,
             "image_size": info["size"],
             "colours": colours,

@@ -347,18 +347,17 @@ class IconCollection(Collection):
     def evaluation_done(self, state: PipelineState) -> bool:
         """OUT/eval.json exists and was made with the preset's evaluation settings (prompts per set, samples, seed,
         sampling): a preset whose eval section changed evaluates again."""
+        from .evaluation import evaluation_settings
+
         path = state.out / "eval.json"
         if not path.exists():
             return False
-        evaluation, settings = self.evaluation, read_json(path).get("settings", {})
-        prompts = evaluation["prompts"]
-        wanted = {
-            "prompts_per_set": {"seen": prompts, "val": evaluation.get("val_prompts", prompts)},
-            "samples_per_prompt": evaluation["samples"],
-            "seed": evaluation["seed"],
-            "sampling": evaluation.get("sampling") or {},
-        }
-        return all(settings.get(key) == value for key, value in wanted.items())
+        found, evaluation = read_json(path).get("settings", {}), self.evaluation
+        wanted = evaluation_settings(
+            evaluation["prompts"], evaluation["samples"], evaluation["seed"], evaluation.get("sampling"),
+            evaluation.get("val_prompts"),
+        )  # fmt: skip
+        return all(found.get(key) == value for key, value in wanted.items())
 
     def write_report(self, state: PipelineState) -> Path:
         from .report import write_report
