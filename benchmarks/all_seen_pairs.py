@@ -17,7 +17,6 @@ import torch
 from clipdalle import checkpoint, pretrained
 from clipdalle.demo.evaluation import IconJudge, caption_of, sample_prompts, set_figures, shape_reranking_helps
 from clipdalle.sampling import shortlisted_per_group
-from clipdalle.zero_shot import encode_images
 
 
 def main() -> None:
@@ -38,11 +37,10 @@ def main() -> None:
     judge = IconJudge(info["size"], colours)
     captions = [caption_of(name, colour) for name, colour in pairs]
     samples = 16
-    with torch.no_grad():
-        generated = sample_prompts(
-            model, vae, tokenizer, clip_bundle, captions, samples, args.seed * 10_000_000, sampling
-        )  # the seen set's seeds, as evaluate_demo draws them
-        features = encode_images(clip_model, generated["images"].flatten(0, 1))  # (P*n, D)
+    generated = sample_prompts(
+        model, vae, tokenizer, clip_bundle, captions, samples, args.seed * 10_000_000, sampling
+    )  # the seen set's seeds, as evaluate_demo draws them
+    features = generated["features"].flatten(0, 1)  # (P*n, D)
     P = len(pairs)
     for shortlist in args.shortlist:
         flat = shortlisted_per_group(generated["scores"].flatten(), features, samples, 1, shortlist)  # (P,)

@@ -400,7 +400,8 @@ def sample_prompts(
     bar: Any = None,
 ) -> dict[str, Any]:
     """`samples` CLIP-scored samples per prompt, GENERATION_BATCH sequences per generate() call, returned in draw
-    order: images (P, n, 3, H, W), codes (P, n, h, w), scores (P, n) (CLIP cosine with the prompt), kept (P,) the
+    order: images (P, n, 3, H, W), codes (P, n, h, w), scores (P, n) (CLIP cosine with the prompt), features
+    (P, n, D) (the images' L2-normalised CLIP features, as generate() scored them), kept (P,) the
     sample generate() keeps with keep=1 and these `sampling` settings (CLIP's best, or with `shortlist` the more
     typical of its shortlist), and the number of prompts longer than the model's text length (truncated)."""
     from ..sampling import generate, shortlisted_per_group
@@ -432,12 +433,13 @@ def sample_prompts(
         if bar is not None:
             bar.update(len(chunk) * samples)
     P = len(prompts)
-    images_all, scores_all = torch.cat(images), torch.cat(scores)
-    chosen = shortlisted_per_group(scores_all, torch.cat(features), samples, 1, sampling.get("shortlist", 1))  # (P,)
+    images_all, scores_all, features_all = torch.cat(images), torch.cat(scores), torch.cat(features)
+    chosen = shortlisted_per_group(scores_all, features_all, samples, 1, sampling.get("shortlist", 1))  # (P,)
     return {
         "images": images_all.view(P, samples, *images_all.shape[1:]),  # (P, n, 3, H, W)
         "codes": torch.cat(codes).view(P, samples, *codes[0].shape[1:]),  # (P, n, h, w)
         "scores": scores_all.view(P, samples),  # (P, n)
+        "features": features_all.view(P, samples, -1),  # (P, n, D)
         "kept": chosen - torch.arange(P) * samples,  # (P,) index within each prompt's samples
         "truncated_prompts": truncated,
     }
@@ -530,7 +532,7 @@ def set_figures(
             }
         )
 
-    features = encode_images(clip_model, flat)  # (P*n, D)
+    features = generated["features"].flatten(0, 1)  # (P*n, D) as generate() scored them, not encoded again
     prompt_features = encode_texts(clip_model, clip_tokenizer, prompts)  # (P, D)
     similarity = features @ prompt_features.T  # (P*n, P)
     truth = rows.repeat_interleave(n)  # (P*n,)
