@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from colour_misses import darkness
 
 from clipdalle import checkpoint
 from clipdalle.data import icons
@@ -25,9 +26,8 @@ BATCH = 512
 
 def ink_darkness(images: torch.Tensor) -> float:
     """Mean over images of the mean summed distance from white (0..765) of each image's foreground pixels."""
-    foreground = icons.foreground_mask(images)  # (B, H, W)
-    darkness = ((1.0 - images) * 255.0).sum(dim=1)  # (B, H, W)
-    per_image = (darkness * foreground).sum(dim=(1, 2)) / foreground.sum(dim=(1, 2)).clamp(min=1)
+    foreground = icons.foreground_mask(images).flatten(1)  # (B, H*W)
+    per_image = (darkness(images) * foreground).sum(dim=1) / foreground.sum(dim=1).clamp(min=1)
     return float(per_image.mean())
 
 
