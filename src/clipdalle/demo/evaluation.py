@@ -48,7 +48,8 @@ DEFINITIONS = {
         "For each set (seen = icons of DALL·E's training families, validation = icons of held-out families), icons "
         "drawn with a seeded generator, colours cycled over the 8 palette colours, no (icon, colour) pair twice while "
         "unused ones remain, prompt = the first caption "
-        "('a red icon of a heart'); every prompt sampled n times; best of n = the sample CLIP scores highest."
+        "('a red icon of a heart'); every prompt sampled n times; best of n = the sample generate() keeps with the "
+        "run's sampling settings: the one CLIP scores highest (with a shortlist, the most typical of CLIP's best)."
     ),
     "colour_fidelity": (
         "Share of images whose dominant colour (per-channel median of the pixels whose summed distance from white "

@@ -67,8 +67,9 @@ DEFINITIONS = {
     ),
     "prompts": (
         "Training captions: the first caption of training images drawn with a seeded generator; held-out captions: "
-        "the first caption of held-out images. Each prompt is sampled n times; the kept sample is the one the run's "
-        "own CLIP scores highest."
+        "the first caption of held-out images. Each prompt is sampled n times; the kept sample is the one generate() "
+        "keeps with the plan's sampling settings: the one the run's own CLIP scores highest (with a shortlist, the "
+        "most typical of its best)."
     ),
     "r_precision": (
         "For each image, its own prompt and up to 99 other prompts of its set are scored by the judging CLIP; a hit "
